@@ -1,0 +1,137 @@
+//! `/api/builds` and `/api/images/:image_id/builds` (reference/conductor-api.md §7.3).
+
+use super::images::{remove_files, write_content};
+use super::xml::Doc;
+use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
+use crate::model::{Build, Id};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+
+fn write_build(doc: &mut Doc, base: &str, build: &Build) {
+    let id = build.id.to_string();
+    let image = build.image_id.to_string();
+    doc.open(
+        "build",
+        &[("href", &format!("{base}/builds/{id}")), ("id", &id)],
+    )
+    .text_with(
+        "image",
+        &[
+            ("href", &format!("{base}/images/{image}")),
+            ("type", "xs:string"),
+        ],
+        &image,
+    )
+    .close("build");
+}
+
+fn build_not_found(id: &str) -> ApiError {
+    ApiError::not_found("BuildNotFound", format!("Could not find Build {id}"))
+}
+
+pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+    let builds = blocking(&state, |store| store.builds(None)).await?;
+    render_list(&base(&state, &headers), &builds)
+}
+
+fn render_list(base: &str, builds: &[Build]) -> ApiResult {
+    let mut doc = Doc::new();
+    doc.open("builds", &[]);
+    for build in builds {
+        write_build(&mut doc, base, build);
+    }
+    doc.close("builds");
+    Ok(xml_ok(doc.finish()))
+}
+
+/// A missing parent answers 400, as Conductor did on purpose (BZ 754956).
+pub async fn list_of_image(
+    State(state): State<Shared>,
+    Path(image): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let missing =
+        || ApiError::bad_request("ImageNotFound", format!("Could not find Image {image}"));
+    let id = parse_id(&image).ok_or_else(missing)?;
+    let builds = blocking(&state, move |store| {
+        Ok(match store.image(id)? {
+            Some(_) => Some(store.builds(Some(id))?),
+            None => None,
+        })
+    })
+    .await?
+    .ok_or_else(missing)?;
+    render_list(&base(&state, &headers), &builds)
+}
+
+async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+    let id = parse_id(raw).ok_or_else(|| build_not_found(raw))?;
+    let build = blocking(state, move |store| store.build(id))
+        .await?
+        .filter(|b| parent.is_none_or(|p| p == b.image_id))
+        .ok_or_else(|| build_not_found(raw))?;
+    let mut doc = Doc::new();
+    write_build(&mut doc, &base(state, headers), &build);
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn show(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    show_one(&state, &headers, &id, None).await
+}
+
+pub async fn show_of_image(
+    State(state): State<Shared>,
+    Path((image, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let parent = parse_id(&image).ok_or_else(|| build_not_found(&id))?;
+    show_one(&state, &headers, &id, Some(parent)).await
+}
+
+async fn delete_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
+    let id = parse_id(raw).ok_or_else(|| build_not_found(raw))?;
+    let removed = blocking(state, move |store| match store.build(id)? {
+        Some(b) if parent.is_none_or(|p| p == b.image_id) => store.delete_build(id),
+        _ => Ok(None),
+    })
+    .await?
+    .ok_or_else(|| build_not_found(raw))?;
+    remove_files(state, &removed);
+    let base = base(state, headers);
+    let id = id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        "build",
+        &[("href", &format!("{base}/builds/{id}")), ("id", &id)],
+    )
+    .text("status", "DELETED");
+    write_content(&mut doc, &removed);
+    doc.close("build");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn delete(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    delete_one(&state, &headers, &id, None).await
+}
+
+pub async fn delete_of_image(
+    State(state): State<Shared>,
+    Path((image, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let parent = parse_id(&image).ok_or_else(|| build_not_found(&id))?;
+    delete_one(&state, &headers, &id, Some(parent)).await
+}

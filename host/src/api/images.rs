@@ -1,0 +1,484 @@
+//! `/api/images` and `/api/environments/:env/images`: list, show, build (create from a
+//! TDL template) and delete with cascade (reference/conductor-api.md §7.2).
+
+use super::xml::{self, Doc, Element};
+use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
+use crate::model::{
+    self, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind, Progress, TargetImage,
+    split_list,
+};
+use crate::store::Removed;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+
+pub(super) fn write_image(doc: &mut Doc, base: &str, image: &Image, env: &str, builds: &[Build]) {
+    let id = image.id.to_string();
+    doc.open(
+        "image",
+        &[("href", &format!("{base}/images/{id}")), ("id", &id)],
+    )
+    .text("name", &image.name)
+    .text("environment", env)
+    .text("description", &image.description)
+    .text("os", &image.os)
+    .text("os_version", &image.os_version)
+    .text("arch", &image.arch)
+    .open("builds", &[("type", "xs:list")]);
+    for build in builds {
+        let bid = build.id.to_string();
+        doc.empty(
+            "build",
+            &[("href", &format!("{base}/builds/{bid}")), ("id", &bid)],
+        );
+    }
+    doc.close("builds").close("image");
+}
+
+fn image_not_found(id: &str) -> ApiError {
+    ApiError::not_found("ImageNotFound", format!("Could not find Image {id}"))
+}
+
+async fn render_list(state: &Shared, headers: &HeaderMap, env: Option<String>) -> ApiResult {
+    let base = base(state, headers);
+    let rows = blocking(state, move |store| {
+        let environments = store.environments()?;
+        let filter = match &env {
+            // An unknown environment lists nothing, as Conductor did (not a 404: its
+            // client crashes on a 404 for a list).
+            Some(name) => match environments.iter().find(|e| &e.name == name) {
+                Some(e) => Some(e.id),
+                None => return Ok(Vec::new()),
+            },
+            None => None,
+        };
+        let mut rows = Vec::new();
+        for image in store.images(filter)? {
+            let builds = store.builds(Some(image.id))?;
+            let env = env_name(&environments, image.environment_id);
+            rows.push((image, env, builds));
+        }
+        Ok(rows)
+    })
+    .await?;
+    let mut doc = Doc::new();
+    doc.open("images", &[]);
+    for (image, env, builds) in &rows {
+        write_image(&mut doc, &base, image, env, builds);
+    }
+    doc.close("images");
+    Ok(xml_ok(doc.finish()))
+}
+
+fn env_name(environments: &[Environment], id: u64) -> String {
+    environments
+        .iter()
+        .find(|e| e.id == id)
+        .map(|e| e.name.clone())
+        .unwrap_or_default()
+}
+
+pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+    render_list(&state, &headers, None).await
+}
+
+pub async fn list_in_environment(
+    State(state): State<Shared>,
+    Path(env): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    render_list(&state, &headers, Some(env)).await
+}
+
+async fn render_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    raw: String,
+    env: Option<String>,
+) -> ApiResult {
+    let base = base(state, headers);
+    let id = parse_id(&raw).ok_or_else(|| image_not_found(&raw))?;
+    let found = blocking(state, move |store| {
+        let Some(image) = store.image(id)? else {
+            return Ok(None);
+        };
+        let environments = store.environments()?;
+        let builds = store.builds(Some(id))?;
+        Ok(Some((
+            env_name(&environments, image.environment_id),
+            image,
+            builds,
+        )))
+    })
+    .await?;
+    match found {
+        // A nested id that does not belong to its parent is not found (a deliberate
+        // change: Conductor ignored the environment in the path).
+        Some((env_name, image, builds)) if env.as_ref().is_none_or(|e| *e == env_name) => {
+            let mut doc = Doc::new();
+            write_image(&mut doc, &base, &image, &env_name, &builds);
+            Ok(xml_ok(doc.finish()))
+        }
+        _ => Err(image_not_found(&raw)),
+    }
+}
+
+pub async fn show(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    render_one(&state, &headers, id, None).await
+}
+
+pub async fn show_in_environment(
+    State(state): State<Shared>,
+    Path((env, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    render_one(&state, &headers, id, Some(env)).await
+}
+
+/// Writes the `<content>` of a delete reply: every provider image that existed, as
+/// (provider, target_identifier). Never empty, because Conductor's client needs text in it.
+pub(super) fn write_content(doc: &mut Doc, removed: &Removed) {
+    doc.open("content", &[]);
+    for pi in &removed.provider_images {
+        doc.open("provider_content", &[])
+            .text("provider", &pi.provider_name)
+            .text("target_identifier", &pi.target_identifier)
+            .close("provider_content");
+    }
+    doc.close("content");
+}
+
+/// Removes the image files of deleted target images.
+pub(super) fn remove_files(state: &Shared, removed: &Removed) {
+    for ti in &removed.target_images {
+        if let Some(disk) = &ti.disk {
+            let path = state.jobs.paths().image_file(ti.id, disk.format);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("could not remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+async fn delete_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    raw: String,
+    env: Option<String>,
+) -> ApiResult {
+    let base = base(state, headers);
+    let id = parse_id(&raw).ok_or_else(|| image_not_found(&raw))?;
+    let removed = blocking(state, move |store| {
+        if let Some(env) = env {
+            let Some(image) = store.image(id)? else {
+                return Ok(None);
+            };
+            let environments = store.environments()?;
+            if env_name(&environments, image.environment_id) != env {
+                return Ok(None);
+            }
+        }
+        store.delete_image(id)
+    })
+    .await?
+    .ok_or_else(|| image_not_found(&raw))?;
+    remove_files(state, &removed);
+    let id = id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        "image",
+        &[("href", &format!("{base}/images/{id}")), ("id", &id)],
+    )
+    .text("status", "DELETED");
+    write_content(&mut doc, &removed);
+    doc.close("image");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn delete(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    delete_one(&state, &headers, id, None).await
+}
+
+pub async fn delete_in_environment(
+    State(state): State<Shared>,
+    Path((env, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    delete_one(&state, &headers, id, Some(env)).await
+}
+
+fn insufficient(message: &str) -> ApiError {
+    ApiError::bad_request("InsufficientParametersSupplied", message)
+}
+
+fn invalid_template(problem: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(
+        "ParameterDataIncorrect",
+        format!("Invalid Image Template: {problem}"),
+    )
+}
+
+/// The TDL document inside `<tdl>`, in any of the three forms clients send: a child
+/// `<template>` element, entity-escaped text, or CDATA (§1.4).
+fn template_text(tdl: &Element) -> Result<String, ApiError> {
+    let templates: Vec<&Element> = tdl.elements().collect();
+    match templates.as_slice() {
+        [one] => return Ok(one.to_xml()),
+        [] => {}
+        _ => return Err(invalid_template("<tdl> must hold exactly one <template>")),
+    }
+    let text = tdl.text();
+    if text.trim().is_empty() {
+        return Err(invalid_template("Name is not set."));
+    }
+    Ok(text.trim().to_owned())
+}
+
+/// `<parameters><parameter name='k'>v</parameter>…</parameters>`: extra name/value pairs
+/// handed to the plugin (an extension of Conductor's request).
+pub(super) fn parameters(request: &Element) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(list) = request.child("parameters") else {
+        return Ok(Vec::new());
+    };
+    let mut pairs = Vec::new();
+    for p in list.elements() {
+        let name = p
+            .attribute("name")
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "ParameterDataIncorrect",
+                    "each <parameter> needs a name attribute",
+                )
+            })?;
+        if pairs.len() >= 64 {
+            return Err(ApiError::bad_request(
+                "ParameterDataIncorrect",
+                "at most 64 parameters are accepted",
+            ));
+        }
+        pairs.push((name.to_owned(), p.text().trim().to_owned()));
+    }
+    Ok(pairs)
+}
+
+/// `POST /api/images`: a build from a template (import comes with the provider work).
+pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let request =
+        xml::parse(&body).map_err(|_| insufficient("Please specify a type, build or import"))?;
+    if request.name != "image" {
+        return Err(insufficient("Please specify a type, build or import"));
+    }
+    let is_build = request.child("targets").is_some() && request.child("tdl").is_some();
+    let is_import = request.child("provider_account_name").is_some()
+        && request.child("target_identifier").is_some()
+        && request.child("image_descriptor").is_some();
+    if !is_build {
+        if is_import {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_IMPLEMENTED,
+                "NotImplemented",
+                "Importing an image from a provider is not supported by this server yet",
+            ));
+        }
+        return Err(insufficient("Please specify a type, build or import"));
+    }
+    build(&state, &headers, &request).await
+}
+
+async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiResult {
+    let base = base(state, headers);
+    // Order of checks as Conductor's, so the same request fails with the same error.
+    let tdl = request
+        .child("tdl")
+        .ok_or_else(|| insufficient("Please specify a type, build or import"))?;
+    let template_xml = template_text(tdl)?;
+    let template = model::tdl::parse(&template_xml).map_err(invalid_template)?;
+    let env_name = request
+        .child_text("environment")
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
+    let targets = split_list(&request.child_text("targets").unwrap_or_default());
+    let parameters = parameters(request)?;
+
+    let plugins = state.plugins.clone();
+    let (environment, accounts, providers) = {
+        let env_name = env_name.clone();
+        blocking(state, move |store| {
+            Ok((
+                store.environment_by_name(&env_name)?,
+                store.accounts()?,
+                store.providers()?,
+            ))
+        })
+        .await?
+    };
+    let environment = environment.ok_or_else(|| {
+        ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Environment {env_name} was not found."),
+        )
+    })?;
+    if targets.is_empty() {
+        return Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            "No targets given: name at least one target, such as <targets>mock</targets>",
+        ));
+    }
+    // A target can be built in an environment when one of its accounts is a member.
+    let buildable: Vec<String> = {
+        let mut names: Vec<String> = accounts
+            .iter()
+            .filter(|a| a.environments.contains(&environment.id))
+            .filter_map(|a| providers.iter().find(|p| p.id == a.provider_id))
+            .map(|p| p.target.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    let mut unknown = None;
+    for target in &targets {
+        if plugins.get(target).is_none() {
+            unknown = Some(target.clone());
+        } else if !buildable.contains(target) {
+            return Err(ApiError::bad_request(
+                "ParameterDataIncorrect",
+                format!(
+                    "Target {target} has no Provider Accounts in this Environment. Valid targets include {}.",
+                    buildable.join(", ")
+                ),
+            ));
+        }
+    }
+    if let Some(target) = unknown {
+        return Err(ApiError::not_found(
+            "TargetNotFound",
+            format!("Could not find Target {target}"),
+        ));
+    }
+
+    let image = Image {
+        id: model::new_id(),
+        environment_id: environment.id,
+        name: template.name.clone(),
+        description: template.description.clone(),
+        os: template.os_name.clone(),
+        os_version: template.os_version.clone(),
+        arch: template.arch.clone(),
+        template_id: model::new_id(),
+        template: template_xml,
+    };
+    let build = Build {
+        id: model::new_id(),
+        image_id: image.id,
+    };
+    let target_images: Vec<TargetImage> = targets
+        .iter()
+        .map(|target| TargetImage {
+            id: model::new_id(),
+            build_id: build.id,
+            target: target.clone(),
+            progress: Progress::new(),
+            parameters: parameters.clone(),
+            disk: None,
+        })
+        .collect();
+    let jobs: Vec<Job> = target_images
+        .iter()
+        .map(|ti| Job {
+            id: ti.id,
+            kind: JobKind::Build,
+            attempts: 0,
+        })
+        .collect();
+    {
+        let (image, build, target_images, jobs) = (
+            image.clone(),
+            build.clone(),
+            target_images.clone(),
+            jobs.clone(),
+        );
+        blocking(state, move |store| {
+            store.create_build(Some(&image), &build, &target_images, &jobs)
+        })
+        .await?;
+    }
+    for job in jobs {
+        state.jobs.start(job);
+    }
+
+    let iid = image.id.to_string();
+    let bid = build.id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        "image",
+        &[("href", &format!("{base}/images/{iid}")), ("id", &iid)],
+    )
+    .open(
+        "build",
+        &[("href", &format!("{base}/builds/{bid}")), ("id", &bid)],
+    )
+    .open("target_images", &[]);
+    for ti in &target_images {
+        let tid = ti.id.to_string();
+        doc.open(
+            "target_image",
+            &[
+                ("href", &format!("{base}/target_images/{tid}")),
+                ("id", &tid),
+            ],
+        )
+        .text("status", ti.progress.status.as_str())
+        .text("target", &ti.target)
+        .open("provider_images", &[])
+        .close("provider_images")
+        .close("target_image");
+    }
+    doc.close("target_images").close("build").close("image");
+    Ok(xml_ok(doc.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tdl_of(body: &str) -> Result<String, ApiError> {
+        let request = xml::parse(body.as_bytes()).map_err(ApiError::internal)?;
+        template_text(
+            request
+                .child("tdl")
+                .ok_or_else(|| ApiError::internal("no tdl"))?,
+        )
+    }
+
+    #[test]
+    fn the_three_tdl_forms_give_the_same_template() -> Result<(), ApiError> {
+        let element = tdl_of("<image><tdl><template><name>t</name></template></tdl></image>")?;
+        let escaped = tdl_of(
+            "<image><tdl>&lt;template&gt;&lt;name&gt;t&lt;/name&gt;&lt;/template&gt;</tdl></image>",
+        )?;
+        let cdata =
+            tdl_of("<image><tdl><![CDATA[<template><name>t</name></template>]]></tdl></image>")?;
+        assert_eq!(element, "<template><name>t</name></template>");
+        assert_eq!(escaped, element);
+        assert_eq!(cdata, element);
+        Ok(())
+    }
+
+    #[test]
+    fn two_templates_are_refused() {
+        let result = tdl_of("<image><tdl><template/><template/></tdl></image>");
+        assert!(result.is_err_and(|e| e.message.contains("exactly one")));
+    }
+}

@@ -1,0 +1,370 @@
+//! The HTTP API: routes, authentication of requests, the `.xml` suffix, and the mapping
+//! of every failure to a status and Conductor's `<error><code/><message/></error>`.
+//!
+//! Handlers are verbs in resource modules (`images::create`). Never imports redb or
+//! wasmtime: storage and plugins are reached through `store::Store`, `jobs::Jobs` and
+//! `plugins::Plugins`, and blocking calls run on the blocking pool.
+
+mod builds;
+mod environments;
+mod images;
+mod provider_images;
+mod providers;
+mod target_images;
+pub mod xml;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::jobs::Jobs;
+use crate::model::{Progress, User};
+use crate::plugins::Plugins;
+use crate::store::{Store, StoreError};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::sync::Arc;
+
+/// Largest request body accepted; templates and push requests are a few KiB.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub plugins: Arc<Plugins>,
+    pub jobs: Arc<Jobs>,
+    pub auth: Arc<Authenticator>,
+    /// The public URL of the server (`https://host/conductor`), for hrefs behind a proxy;
+    /// without it hrefs are built from the request's Host header.
+    pub external_url: Option<String>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// An API failure: its status, Conductor's error code, and a message for the user.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// A failure inside the server: the detail goes to the log, the user gets a sentence.
+    pub fn internal(detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!("internal error: {detail}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "The server failed to handle the request; the server log has the details.",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut doc = xml::Doc::new();
+        doc.open("error", &[])
+            .text("code", self.code)
+            .text("message", &self.message)
+            .close("error");
+        (self.status, xml_headers(), doc.finish()).into_response()
+    }
+}
+
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+fn xml_headers() -> [(header::HeaderName, HeaderValue); 1] {
+    [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml; charset=utf-8"),
+    )]
+}
+
+/// A 200 response with an XML body.
+pub fn xml_ok(body: String) -> Response {
+    (StatusCode::OK, xml_headers(), body).into_response()
+}
+
+/// Runs a store call on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)
+}
+
+/// Conductor's installs served the API under `/conductor/api`, and its clients are
+/// configured with that path. Requests under it are served as if under `/api`; this
+/// internal header (removed from what clients send) tells [`base`] to keep the prefix.
+const MOUNT_HEADER: &str = "x-conductor-mount";
+const CONDUCTOR_PREFIX: &str = "/conductor";
+
+/// The absolute base of every href, ending in `/api`.
+pub fn base(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.external_url {
+        return format!("{}/api", url.trim_end_matches('/'));
+    }
+    let prefix = if headers.contains_key(MOUNT_HEADER) {
+        CONDUCTOR_PREFIX
+    } else {
+        ""
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            // A Host header is client input: only a plausible authority goes into hrefs.
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}{prefix}/api")
+}
+
+/// Writes `<percent_complete>` and `<status_detail>`, the progress extension that
+/// follows `<status>` (reference/conductor-api.md §9.3).
+pub fn write_progress(doc: &mut xml::Doc, progress: &Progress) {
+    doc.text("percent_complete", &progress.percent.to_string())
+        .open("status_detail", &[])
+        .text("activity", &progress.activity)
+        .text("error", &progress.error)
+        .close("status_detail");
+}
+
+/// Parses an id from a path. Anything that is not a UUID is simply an id nothing has.
+pub fn parse_id(raw: &str) -> Option<uuid::Uuid> {
+    uuid::Uuid::parse_str(raw).ok()
+}
+
+pub fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .route("/api", get(entry))
+        .route("/api/images", get(images::list).post(images::create))
+        .route("/api/images/{id}", get(images::show).delete(images::delete))
+        .route("/api/images/{image_id}/builds", get(builds::list_of_image))
+        .route(
+            "/api/images/{image_id}/builds/{id}",
+            get(builds::show_of_image).delete(builds::delete_of_image),
+        )
+        .route("/api/builds", get(builds::list))
+        .route("/api/builds/{id}", get(builds::show).delete(builds::delete))
+        .route(
+            "/api/builds/{build_id}/target_images",
+            get(target_images::list_of_build),
+        )
+        .route(
+            "/api/builds/{build_id}/target_images/{id}",
+            get(target_images::show_of_build).delete(target_images::delete_of_build),
+        )
+        .route("/api/target_images", get(target_images::list))
+        .route(
+            "/api/target_images/{id}",
+            get(target_images::show).delete(target_images::delete),
+        )
+        .route(
+            "/api/target_images/{ti}/provider_images",
+            get(provider_images::list_of_target_image).post(provider_images::create),
+        )
+        .route(
+            "/api/target_images/{ti}/provider_images/{id}",
+            get(provider_images::show_of_target_image)
+                .delete(provider_images::delete_of_target_image),
+        )
+        .route(
+            "/api/provider_images",
+            get(provider_images::list).post(provider_images::create),
+        )
+        .route(
+            "/api/provider_images/{id}",
+            get(provider_images::show).delete(provider_images::delete),
+        )
+        .route("/api/environments", get(environments::list))
+        .route("/api/environments/{id}", get(environments::show))
+        .route(
+            "/api/environments/{env}/images",
+            get(images::list_in_environment).post(images::create),
+        )
+        .route(
+            "/api/environments/{env}/images/{id}",
+            get(images::show_in_environment).delete(images::delete_in_environment),
+        )
+        .route("/api/provider_types", get(providers::list_types))
+        .route("/api/provider_types/{id}", get(providers::show_type))
+        .route("/api/providers", get(providers::list))
+        .route("/api/providers/{id}", get(providers::show))
+        .route("/api/provider_accounts", get(providers::list_accounts))
+        .route("/api/provider_accounts/{id}", get(providers::show_account))
+        .route(
+            "/api/{*rest}",
+            get(unknown_route)
+                .post(unknown_route)
+                .put(unknown_route)
+                .delete(unknown_route),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
+    // The suffix is stripped before routing, so the outer router wraps the inner one.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::from_fn(strip_format_suffix))
+        .layer(middleware::from_fn(limit_body))
+}
+
+/// Refuses a body whose declared length is over [`MAX_BODY`] before reading it, in the
+/// API's error format. (Chunked bodies are cut off at the same size by the body limit.)
+async fn limit_body(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLarge",
+            format!("The request body is larger than the {MAX_BODY} bytes this server accepts"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Conductor's clients put `.xml` on every path (and `/conductor` before `/api`); both
+/// are accepted and removed. Any other
+/// format suffix gets 406, as Conductor answered.
+async fn strip_format_suffix(mut request: Request, next: Next) -> Response {
+    request.headers_mut().remove(MOUNT_HEADER);
+    if let Some(rest) = request.uri().path().strip_prefix(CONDUCTOR_PREFIX)
+        && (rest == "/api" || rest.starts_with("/api/") || rest.starts_with("/api."))
+    {
+        let mut rewritten = rest.to_owned();
+        if let Some(query) = request.uri().query() {
+            rewritten.push('?');
+            rewritten.push_str(query);
+        }
+        if let Ok(uri) = rewritten.parse() {
+            *request.uri_mut() = uri;
+            request
+                .headers_mut()
+                .insert(MOUNT_HEADER, HeaderValue::from_static("1"));
+        }
+    }
+    let path = request.uri().path();
+    if path.starts_with("/api") {
+        if let Some(stripped) = path.strip_suffix(".xml") {
+            let mut rewritten = stripped.to_owned();
+            if let Some(query) = request.uri().query() {
+                rewritten.push('?');
+                rewritten.push_str(query);
+            }
+            if let Ok(uri) = rewritten.parse() {
+                *request.uri_mut() = uri;
+            }
+        } else if path.rsplit('/').next().is_some_and(|last| {
+            last.rsplit_once('.')
+                .is_some_and(|(_, ext)| matches!(ext, "json" | "html" | "yaml" | "txt"))
+        }) {
+            return StatusCode::NOT_ACCEPTABLE.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Every `/api` request needs valid Basic credentials: 401 with an empty body otherwise.
+/// The challenge header is a deliberate addition that helps generic HTTP clients.
+async fn authenticate(State(state): State<Shared>, mut request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let auth = state.auth.clone();
+    let outcome = tokio::task::spawn_blocking(move || auth.authenticate(header.as_deref())).await;
+    match outcome {
+        Ok(Ok(user)) => {
+            request.extensions_mut().insert(CurrentUser(user));
+            next.run(request).await
+        }
+        Ok(Err(AuthError::Missing | AuthError::Invalid)) => {
+            let mut response =
+                (StatusCode::UNAUTHORIZED, xml_headers(), Body::empty()).into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"conductor\""),
+            );
+            response
+        }
+        Ok(Err(e)) => ApiError::internal(e).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// The authenticated user of a request.
+#[derive(Debug, Clone)]
+pub struct CurrentUser(pub User);
+
+async fn unknown_route(request: Request) -> ApiError {
+    ApiError::not_found(
+        "RecordNotFound",
+        format!(
+            "There is no {} {} in this API",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// `GET /api`: links to the collections, in Conductor's order (§7.1).
+async fn entry(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let base = base(&state, &headers);
+    let mut doc = xml::Doc::new();
+    doc.open("api", &[("href", &base)]);
+    for name in [
+        "builds",
+        "catalogs",
+        "deployments",
+        "images",
+        "pools",
+        "pool_families",
+        "providers",
+        "provider_accounts",
+        "provider_images",
+        "provider_realms",
+        "target_images",
+    ] {
+        doc.empty(name, &[("href", &format!("{base}/{name}"))]);
+    }
+    doc.close("api");
+    xml_ok(doc.finish())
+}

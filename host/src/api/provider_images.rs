@@ -1,0 +1,341 @@
+//! `/api/provider_images` and `/api/target_images/:ti/provider_images`: list, show,
+//! push (create) and delete (reference/conductor-api.md §7.5).
+
+use super::images::{parameters, write_content};
+use super::xml::{self, Doc};
+use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
+use crate::model::{
+    self, Account, Id, Job, JobKind, Progress, Provider, ProviderImage, TargetImage, split_list,
+};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+
+fn write_provider_image(doc: &mut Doc, base: &str, pi: &ProviderImage) {
+    let id = pi.id.to_string();
+    let ti = pi.target_image_id.to_string();
+    doc.open(
+        "provider_image",
+        &[
+            ("href", &format!("{base}/provider_images/{id}")),
+            ("id", &id),
+        ],
+    )
+    .text("object_type", "provider_image")
+    .text("target_identifier", &pi.target_identifier)
+    .text("status", pi.progress.status.as_str());
+    write_progress(doc, &pi.progress);
+    doc.text("provider", &pi.provider_name)
+        .text("account", &pi.account_label)
+        .empty(
+            "target_image",
+            &[("href", &format!("{base}/target_images/{ti}")), ("id", &ti)],
+        )
+        .close("provider_image");
+}
+
+fn render_list(base: &str, rows: &[ProviderImage]) -> ApiResult {
+    let mut doc = Doc::new();
+    doc.open("provider_images", &[]);
+    for pi in rows {
+        write_provider_image(&mut doc, base, pi);
+    }
+    doc.close("provider_images");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+    let rows = blocking(&state, |store| store.provider_images(None)).await?;
+    render_list(&base(&state, &headers), &rows)
+}
+
+pub async fn list_of_target_image(
+    State(state): State<Shared>,
+    Path(ti): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let missing = || {
+        ApiError::bad_request(
+            "TargetImageNotFound",
+            format!("Could not find TargetImage {ti}"),
+        )
+    };
+    let id = parse_id(&ti).ok_or_else(missing)?;
+    let rows = blocking(&state, move |store| {
+        Ok(match store.target_image(id)? {
+            Some(_) => Some(store.provider_images(Some(id))?),
+            None => None,
+        })
+    })
+    .await?
+    .ok_or_else(missing)?;
+    render_list(&base(&state, &headers), &rows)
+}
+
+async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+    let missing = || {
+        ApiError::not_found(
+            "ProviderImageStatusNotFound",
+            format!("Could not find status for ProviderImage {raw}"),
+        )
+    };
+    let id = parse_id(raw).ok_or_else(missing)?;
+    let pi = blocking(state, move |store| store.provider_image(id))
+        .await?
+        .filter(|pi| parent.is_none_or(|p| p == pi.target_image_id))
+        .ok_or_else(missing)?;
+    let mut doc = Doc::new();
+    write_provider_image(&mut doc, &base(state, headers), &pi);
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn show(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    show_one(&state, &headers, &id, None).await
+}
+
+pub async fn show_of_target_image(
+    State(state): State<Shared>,
+    Path((ti, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let parent = parse_id(&ti).unwrap_or(Id::nil());
+    show_one(&state, &headers, &id, Some(parent)).await
+}
+
+async fn delete_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
+    let missing = || {
+        ApiError::not_found(
+            "ProviderImageNotFound",
+            format!("Could not find ProviderImage {raw}"),
+        )
+    };
+    let id = parse_id(raw).ok_or_else(missing)?;
+    let removed = blocking(state, move |store| match store.provider_image(id)? {
+        Some(pi) if parent.is_none_or(|p| p == pi.target_image_id) => {
+            store.delete_provider_image(id)
+        }
+        _ => Ok(None),
+    })
+    .await?
+    .ok_or_else(missing)?;
+    let base = base(state, headers);
+    let id = id.to_string();
+    let mut doc = Doc::new();
+    // `<status>DELETED</status>` is an addition: Conductor left it out of this one reply.
+    doc.open(
+        "provider_image",
+        &[
+            ("href", &format!("{base}/provider_images/{id}")),
+            ("id", &id),
+        ],
+    )
+    .text("status", "DELETED");
+    write_content(&mut doc, &removed);
+    doc.close("provider_image");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn delete(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    delete_one(&state, &headers, &id, None).await
+}
+
+pub async fn delete_of_target_image(
+    State(state): State<Shared>,
+    Path((ti, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let parent = parse_id(&ti).unwrap_or(Id::nil());
+    delete_one(&state, &headers, &id, Some(parent)).await
+}
+
+fn insufficient(message: &str) -> ApiError {
+    ApiError::bad_request("InsufficientParametersSupplied", message)
+}
+
+/// What the push request names, resolved against the store.
+enum Selection {
+    Image(Id),
+    Build(Id),
+    TargetImage(Id),
+}
+
+/// `POST /api/provider_images`: push target images to a comma-separated list of
+/// accounts (§7.5.3). Every account is checked before any push is started, and with an
+/// image or build the newest build's target image per target is used (§12 #11, #12).
+pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let base = base(&state, &headers);
+    let request = xml::parse(&body).map_err(|_| insufficient("No Provider Account given"))?;
+    if request.name != "provider_image" {
+        return Err(insufficient("No Provider Account given"));
+    }
+    let accounts_text = request
+        .child_text("provider_account")
+        .ok_or_else(|| insufficient("No Provider Account given"))?;
+    let parameters = parameters(&request)?;
+    let field = |name: &str| request.child_text(name).filter(|v| !v.is_empty());
+    let not_found = |code: &'static str, kind: &str, raw: &str| {
+        ApiError::not_found(code, format!("Could not find {kind} {raw}"))
+    };
+    // The first of image_id, build_id, target_image_id given decides, as in Conductor.
+    let (selection, missing) = if let Some(raw) = field("image_id") {
+        let missing = not_found("ImageNotFound", "Image", &raw);
+        (parse_id(&raw).map(Selection::Image), missing)
+    } else if let Some(raw) = field("build_id") {
+        let missing = not_found("BuildNotFound", "Build", &raw);
+        (parse_id(&raw).map(Selection::Build), missing)
+    } else if let Some(raw) = field("target_image_id") {
+        let missing = not_found("TargetImageNotFound", "TargetImage", &raw);
+        (parse_id(&raw).map(Selection::TargetImage), missing)
+    } else {
+        return Err(insufficient(
+            "Invalid Parameters: No Image, Build or TargetImage provided in request",
+        ));
+    };
+    let Some(selection) = selection else {
+        return Err(missing);
+    };
+    let labels = split_list(&accounts_text);
+
+    let resolved = blocking(&state, move |store| {
+        let target_images: Option<Vec<TargetImage>> = match selection {
+            Selection::Image(id) => match store.image(id)? {
+                None => None,
+                Some(_) => {
+                    let mut all = Vec::new();
+                    // Newest build first, so each account gets the latest image.
+                    for build in store.builds(Some(id))?.into_iter().rev() {
+                        all.extend(store.target_images(Some(build.id))?);
+                    }
+                    Some(all)
+                }
+            },
+            Selection::Build(id) => match store.build(id)? {
+                None => None,
+                Some(_) => Some(store.target_images(Some(id))?),
+            },
+            Selection::TargetImage(id) => store.target_image(id)?.map(|ti| vec![ti]),
+        };
+        let environment = match target_images.as_ref().and_then(|t| t.first()) {
+            Some(ti) => match store.build(ti.build_id)? {
+                Some(build) => store.image(build.image_id)?.map(|i| i.environment_id),
+                None => None,
+            },
+            None => None,
+        };
+        Ok((
+            target_images,
+            environment,
+            store.accounts()?,
+            store.providers()?,
+        ))
+    })
+    .await?;
+    let (target_images, environment, accounts, providers) = resolved;
+    let target_images = target_images.ok_or(missing)?;
+    if target_images.is_empty() {
+        return Err(insufficient("Could not find any matching Target Images"));
+    }
+    let environment =
+        environment.ok_or_else(|| ApiError::internal("a target image without an image"))?;
+
+    // Validate every account before dispatching anything.
+    let mut plan: Vec<(&Account, &Provider, &TargetImage)> = Vec::new();
+    for label in &labels {
+        let account = accounts.iter().find(|a| &a.label == label).ok_or_else(|| {
+            ApiError::not_found(
+                "ProviderAccountNotFound",
+                format!("Could not find Provider Account for name {label}"),
+            )
+        })?;
+        if !account.environments.contains(&environment) {
+            let valid: Vec<&str> = accounts
+                .iter()
+                .filter(|a| a.environments.contains(&environment))
+                .map(|a| a.label.as_str())
+                .collect();
+            return Err(ApiError::bad_request(
+                "ParameterDataIncorrect",
+                format!(
+                    "Provider Account {label} is not in this Environment. Valid accounts include {}.",
+                    valid.join(", ")
+                ),
+            ));
+        }
+        let provider = providers
+            .iter()
+            .find(|p| p.id == account.provider_id)
+            .ok_or_else(|| ApiError::internal(format!("account {label} has no provider")))?;
+        let ti = target_images
+            .iter()
+            .find(|ti| ti.target == provider.target)
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "TargetImageNotFound",
+                    format!("Could not find an appropriate target image for account {label}"),
+                )
+            })?;
+        plan.push((account, provider, ti));
+    }
+
+    let provider_images: Vec<ProviderImage> = plan
+        .iter()
+        .map(|(account, provider, ti)| ProviderImage {
+            id: model::new_id(),
+            target_image_id: ti.id,
+            provider_id: provider.id,
+            account_id: account.id,
+            provider_name: provider.name.clone(),
+            account_label: account.label.clone(),
+            target_identifier: String::new(),
+            progress: Progress::new(),
+            parameters: parameters.clone(),
+        })
+        .collect();
+    let jobs: Vec<Job> = provider_images
+        .iter()
+        .map(|pi| Job {
+            id: pi.id,
+            kind: JobKind::Push,
+            attempts: 0,
+        })
+        .collect();
+    {
+        let (pis, jobs) = (provider_images.clone(), jobs.clone());
+        blocking(&state, move |store| store.create_push(&pis, &jobs)).await?;
+    }
+    for job in jobs {
+        state.jobs.start(job);
+    }
+
+    let mut doc = Doc::new();
+    doc.open("provider_images", &[]);
+    for pi in &provider_images {
+        let id = pi.id.to_string();
+        doc.open(
+            "provider_image",
+            &[
+                ("href", &format!("{base}/provider_images/{id}")),
+                ("id", &id),
+            ],
+        )
+        .text("status", pi.progress.status.as_str())
+        .text("provider", &pi.provider_name)
+        .text("account", &pi.account_label)
+        .close("provider_image");
+    }
+    doc.close("provider_images");
+    Ok(xml_ok(doc.finish()))
+}

@@ -1,0 +1,205 @@
+//! `/api/target_images` and `/api/builds/:build_id/target_images`
+//! (reference/conductor-api.md §7.4). Unlike Conductor, target images are listed and
+//! shown while they build, with their live status and progress.
+
+use super::images::{remove_files, write_content};
+use super::xml::Doc;
+use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
+use crate::model::{Id, ProviderImage, TargetImage};
+use crate::store::Store;
+use crate::store::StoreError;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+
+/// A target image with what its element shows: the template id and its provider images.
+struct Row {
+    ti: TargetImage,
+    template: String,
+    provider_images: Vec<ProviderImage>,
+}
+
+fn row(store: &Store, ti: TargetImage) -> Result<Row, StoreError> {
+    let template = match store.build(ti.build_id)? {
+        Some(build) => store
+            .image(build.image_id)?
+            .map(|i| i.template_id.to_string())
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    let provider_images = store.provider_images(Some(ti.id))?;
+    Ok(Row {
+        ti,
+        template,
+        provider_images,
+    })
+}
+
+fn write_target_image(doc: &mut Doc, base: &str, row: &Row) {
+    let ti = &row.ti;
+    let id = ti.id.to_string();
+    let build = ti.build_id.to_string();
+    doc.open(
+        "target_image",
+        &[("href", &format!("{base}/target_images/{id}")), ("id", &id)],
+    )
+    .text("object_type", "target_image")
+    .text("template", &row.template)
+    .empty(
+        "build",
+        &[("href", &format!("{base}/builds/{build}")), ("id", &build)],
+    )
+    .text("status", ti.progress.status.as_str());
+    write_progress(doc, &ti.progress);
+    doc.text("target", &ti.target);
+    if let Some(disk) = &ti.disk {
+        doc.text("format", disk.format.as_str())
+            .text("size", &disk.size.to_string())
+            .text("virtual_size", &disk.virtual_size.to_string());
+    }
+    doc.open("provider_images", &[]);
+    for pi in &row.provider_images {
+        let pid = pi.id.to_string();
+        doc.empty(
+            "provider_image",
+            &[
+                ("href", &format!("{base}/provider_images/{pid}")),
+                ("id", &pid),
+            ],
+        );
+    }
+    doc.close("provider_images").close("target_image");
+}
+
+fn render_list(base: &str, rows: &[Row]) -> ApiResult {
+    let mut doc = Doc::new();
+    doc.open("target_images", &[]);
+    for row in rows {
+        write_target_image(&mut doc, base, row);
+    }
+    doc.close("target_images");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+    let rows = blocking(&state, |store| {
+        store
+            .target_images(None)?
+            .into_iter()
+            .map(|ti| row(store, ti))
+            .collect::<Result<Vec<Row>, StoreError>>()
+    })
+    .await?;
+    render_list(&base(&state, &headers), &rows)
+}
+
+pub async fn list_of_build(
+    State(state): State<Shared>,
+    Path(build): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let missing =
+        || ApiError::bad_request("BuildNotFound", format!("Could not find Build {build}"));
+    let id = parse_id(&build).ok_or_else(missing)?;
+    let rows = blocking(&state, move |store| {
+        if store.build(id)?.is_none() {
+            return Ok(None);
+        }
+        let rows: Result<Vec<Row>, StoreError> = store
+            .target_images(Some(id))?
+            .into_iter()
+            .map(|ti| row(store, ti))
+            .collect();
+        rows.map(Some)
+    })
+    .await?
+    .ok_or_else(missing)?;
+    render_list(&base(&state, &headers), &rows)
+}
+
+async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+    let missing = || {
+        ApiError::not_found(
+            "TargetImageStatusNotFound",
+            format!("Could not find status for TargetImage {raw}"),
+        )
+    };
+    let id = parse_id(raw).ok_or_else(missing)?;
+    let found = blocking(state, move |store| match store.target_image(id)? {
+        Some(ti) if parent.is_none_or(|p| p == ti.build_id) => row(store, ti).map(Some),
+        _ => Ok(None),
+    })
+    .await?
+    .ok_or_else(missing)?;
+    let mut doc = Doc::new();
+    write_target_image(&mut doc, &base(state, headers), &found);
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn show(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    show_one(&state, &headers, &id, None).await
+}
+
+pub async fn show_of_build(
+    State(state): State<Shared>,
+    Path((build, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    // A parent that is not an id matches no target image.
+    let parent = parse_id(&build).unwrap_or(Id::nil());
+    show_one(&state, &headers, &id, Some(parent)).await
+}
+
+fn ti_not_found(id: &str) -> ApiError {
+    ApiError::not_found(
+        "TargetImageNotFound",
+        format!("Could not find TargetImage {id}"),
+    )
+}
+
+async fn delete_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
+    let id = parse_id(raw).ok_or_else(|| ti_not_found(raw))?;
+    let removed = blocking(state, move |store| match store.target_image(id)? {
+        Some(ti) if parent.is_none_or(|p| p == ti.build_id) => store.delete_target_image(id),
+        _ => Ok(None),
+    })
+    .await?
+    .ok_or_else(|| ti_not_found(raw))?;
+    remove_files(state, &removed);
+    let base = base(state, headers);
+    let id = id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        "target_image",
+        &[("href", &format!("{base}/target_images/{id}")), ("id", &id)],
+    )
+    .text("status", "DELETED");
+    write_content(&mut doc, &removed);
+    doc.close("target_image");
+    Ok(xml_ok(doc.finish()))
+}
+
+pub async fn delete(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    delete_one(&state, &headers, &id, None).await
+}
+
+pub async fn delete_of_build(
+    State(state): State<Shared>,
+    Path((build, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let parent = parse_id(&build).unwrap_or(Id::nil());
+    delete_one(&state, &headers, &id, Some(parent)).await
+}

@@ -1,0 +1,11 @@
+//! conductor: a cloud image server that speaks Aeolus Conductor's XML API and builds and
+//! pushes images through provider plugins that run as sandboxed WebAssembly components.
+//! `ARCHITECTURE.md` at the repository root maps the modules.
+
+pub mod api;
+pub mod auth;
+pub mod jobs;
+pub mod model;
+pub mod plugins;
+pub mod server;
+pub mod store;

@@ -1,0 +1,69 @@
+//! The `conductor` command. Thin: parses flags, sets up logging, hands over to the
+//! library.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "conductor",
+    version,
+    about = "A cloud image server with WebAssembly provider plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+        #[arg(long, env = "CONDUCTOR_LISTEN", default_value = "127.0.0.1:3000")]
+        listen: String,
+        /// Folder for the database, image files and work in progress.
+        #[arg(long, env = "CONDUCTOR_DATA", default_value = "./data")]
+        data: PathBuf,
+        /// A folder of extra plugins (`*.wasm` components), loaded after the bundled ones.
+        #[arg(long, env = "CONDUCTOR_PLUGINS")]
+        plugins: Option<PathBuf>,
+        /// The server's public URL, used for hrefs when it sits behind a proxy.
+        #[arg(long, env = "CONDUCTOR_EXTERNAL_URL")]
+        external_url: Option<String>,
+        /// How many builds and pushes run at once.
+        #[arg(long, env = "CONDUCTOR_WORKERS", default_value_t = 4)]
+        workers: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONDUCTOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            data,
+            plugins,
+            external_url,
+            workers,
+        } => {
+            conductor::server::serve(conductor::server::Config {
+                listen,
+                data,
+                plugins,
+                external_url,
+                workers,
+                admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Domain types and rules: ids, statuses and their transitions, the records the server
+//! keeps (images, builds, target images, provider images, environments, providers,
+//! accounts, users, jobs) and TDL validation.
+//!
+//! Owns the vocabulary every other layer speaks. Never imports axum, redb or wasmtime:
+//! records are plain serde structs, and how they are stored or shown is decided elsewhere.
+
+pub mod tdl;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Ids of images, builds, target images and provider images. Version-7 UUIDs sort by
+/// creation time, so a table scan lists records in the order they were made.
+pub type Id = Uuid;
+
+/// A fresh, time-ordered id.
+pub fn new_id() -> Id {
+    Uuid::now_v7()
+}
+
+/// One status vocabulary for target images and provider images (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    New,
+    Pending,
+    Building,
+    Pushing,
+    Complete,
+    Failed,
+    Deleting,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::New => "NEW",
+            Status::Pending => "PENDING",
+            Status::Building => "BUILDING",
+            Status::Pushing => "PUSHING",
+            Status::Complete => "COMPLETE",
+            Status::Failed => "FAILED",
+            Status::Deleting => "DELETING",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// A finished job never changes status again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Complete | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// What is happening to a target image or provider image, shown as `percent_complete`
+/// and `status_detail` after `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub status: Status,
+    pub percent: u8,
+    /// One line on what is happening now.
+    pub activity: String,
+    /// Why a FAILED job failed, in words a user can act on; empty otherwise.
+    pub error: String,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress {
+            status: Status::New,
+            percent: 0,
+            activity: "waiting for a worker".into(),
+            error: String::new(),
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Layout of a disk image's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+    Vmdk,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Vmdk => "vmdk",
+        }
+    }
+}
+
+/// A tenant: Conductor's pool family. Images, and the accounts they may use, belong to one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub id: u64,
+    pub name: String,
+    pub description: String,
+}
+
+/// The name of the environment every server has, and where unnamed requests go.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: Id,
+    pub environment_id: u64,
+    pub name: String,
+    pub description: String,
+    pub os: String,
+    pub os_version: String,
+    pub arch: String,
+    /// The id the template is known by (Conductor stored templates as records of their own).
+    pub template_id: Id,
+    /// The TDL document the image is built from; empty for imported images.
+    pub template: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Build {
+    pub id: Id,
+    pub image_id: Id,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetImage {
+    pub id: Id,
+    pub build_id: Id,
+    /// The provider type's target name (`mock`, `ec2`).
+    pub target: String,
+    pub progress: Progress,
+    /// Extra name/value pairs for the plugin's `build`, from the request.
+    pub parameters: Vec<(String, String)>,
+    /// Set when the build completes.
+    pub disk: Option<Disk>,
+}
+
+/// The disk image a finished build produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub format: DiskFormat,
+    /// Size of the image file in bytes.
+    pub size: u64,
+    /// Size of the disk a guest sees.
+    pub virtual_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderImage {
+    pub id: Id,
+    pub target_image_id: Id,
+    pub provider_id: u64,
+    pub account_id: u64,
+    /// The provider's name and the account's label when the push was made, so the record
+    /// still reads well if either is renamed or deleted later.
+    pub provider_name: String,
+    pub account_label: String,
+    /// The provider's id of the image (`ami-…`, `Mock_<provider>_<uuid>`); empty until pushed.
+    pub target_identifier: String,
+    pub progress: Progress,
+    pub parameters: Vec<(String, String)>,
+}
+
+/// A cloud endpoint: an instance of a provider type with its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provider {
+    pub id: u64,
+    pub name: String,
+    /// The provider type's target name.
+    pub target: String,
+    pub settings: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: u64,
+    pub label: String,
+    pub provider_id: u64,
+    pub credentials: Vec<(String, String)>,
+    /// The environments this account may be used in.
+    pub environments: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    /// An argon2 PHC string; the password itself is never stored.
+    pub password_hash: String,
+    pub admin: bool,
+}
+
+/// Durable work: one row per build or push that has not finished. The record it works on
+/// carries the status users see; this row carries what a restart needs to run it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: Id,
+    pub kind: JobKind,
+    /// How many times the job has been started, this run included.
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    /// Build the target image with this id.
+    Build,
+    /// Push the provider image with this id.
+    Push,
+}
+
+/// Splits a comma-separated list the way users mean it: items trimmed, empty items
+/// dropped (Conductor kept the spaces, so `ec2, mock` asked for a target " mock").
+pub fn split_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_trimmed_and_empty_items_dropped() {
+        assert_eq!(split_list(" ec2, mock,,"), vec!["ec2", "mock"]);
+        assert!(split_list("").is_empty());
+    }
+
+    #[test]
+    fn terminal_statuses() {
+        assert!(Status::Complete.is_terminal());
+        assert!(Status::Failed.is_terminal());
+        assert!(!Status::Building.is_terminal());
+        assert_eq!(Status::Complete.as_str(), "COMPLETE");
+    }
+}

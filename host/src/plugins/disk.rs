@@ -1,0 +1,174 @@
+//! The host side of the WIT disk resources: a reader and a writer over files, sparse
+//! aware, so that a 10 GiB blank disk costs nothing to pass through a plugin.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Reads are capped so a plugin cannot make the host allocate without bound in one call.
+pub const MAX_READ: u32 = 16 << 20;
+
+/// A disk image a plugin reads.
+pub struct DiskReader {
+    file: File,
+    size: u64,
+}
+
+/// The disk image a plugin writes.
+pub struct DiskWriter {
+    file: File,
+    /// Writes past this size are refused: a plugin cannot fill the data disk.
+    limit: u64,
+}
+
+impl DiskReader {
+    pub fn open(path: &Path) -> io::Result<DiskReader> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(DiskReader { file, size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Up to `length` bytes from `offset`; fewer only at the end of the file.
+    pub fn read(&self, offset: u64, length: u32) -> io::Result<Vec<u8>> {
+        let end = offset
+            .saturating_add(u64::from(length.min(MAX_READ)))
+            .min(self.size);
+        let mut buffer = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut filled = 0;
+        while filled < buffer.len() {
+            let n = self
+                .file
+                .read_at(&mut buffer[filled..], offset + filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buffer.truncate(filled);
+        Ok(buffer)
+    }
+
+    /// The allocated runs of the file, found with SEEK_DATA/SEEK_HOLE. On a filesystem
+    /// without hole support the whole file is one run, which is still correct.
+    pub fn extents(&self) -> io::Result<Vec<(u64, u64)>> {
+        allocated_extents(&self.file, self.size)
+    }
+}
+
+/// SEEK_DATA / SEEK_HOLE walk over the file's first `size` bytes.
+pub fn allocated_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut offset: u64 = 0;
+    while offset < size {
+        // SAFETY: lseek on a descriptor we own has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // ENXIO: no data after `offset`, the rest is a hole.
+                Some(libc::ENXIO) => Ok(extents),
+                // EINVAL: the filesystem has no SEEK_DATA; treat everything as data.
+                Some(libc::EINVAL) => Ok(vec![(0, size)]),
+                _ => Err(err),
+            };
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(size);
+        extents.push((data, hole - data));
+        offset = hole;
+    }
+    Ok(extents)
+}
+
+impl DiskWriter {
+    pub fn create(path: &Path, limit: u64) -> io::Result<DiskWriter> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(DiskWriter { file, limit })
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.limit {
+            return Err(io::Error::other(format!(
+                "write ends at byte {end}, past the {} byte limit for this image",
+                self.limit
+            )));
+        }
+        self.file.write_all_at(data, offset)
+    }
+
+    pub fn set_size(&self, size: u64) -> io::Result<()> {
+        if size > self.limit {
+            return Err(io::Error::other(format!(
+                "size {size} is past the {} byte limit for this image",
+                self.limit
+            )));
+        }
+        self.file.set_len(size)
+    }
+
+    /// Flushes the image to stable storage before the build is reported complete.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Creates a blank sparse raw disk of `size` bytes: no blocks are allocated.
+pub fn create_blank(path: &Path, size: u64) -> io::Result<()> {
+    let file = File::create(path)?;
+    file.set_len(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_disk_has_no_extents_and_data_is_found() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("disk.raw");
+        create_blank(&path, 64 << 20)?;
+        assert_eq!(DiskReader::open(&path)?.extents()?, vec![]);
+
+        let file = File::options().write(true).open(&path)?;
+        file.write_all_at(&[7u8; 4096], 8 << 20)?;
+        file.sync_all()?;
+        let reader = DiskReader::open(&path)?;
+        let extents = reader.extents()?;
+        assert_eq!(extents.len(), 1);
+        let (offset, length) = extents[0];
+        assert!(offset <= 8 << 20 && offset + length >= (8 << 20) + 4096);
+        assert_eq!(reader.read(8 << 20, 4)?, vec![7, 7, 7, 7]);
+        assert_eq!(reader.read((64 << 20) - 2, 10)?.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn writer_refuses_to_grow_past_its_limit() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let writer = DiskWriter::create(&dir.path().join("out.raw"), 1024)?;
+        writer.write(0, &[1; 1024])?;
+        assert!(writer.write(1000, &[1; 100]).is_err());
+        assert!(writer.set_size(2048).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,663 @@
+//! The wasmtime engine, loading provider plugins (WebAssembly components), the sandbox
+//! each call runs in, and the host side of the `conductor:provider` WIT package.
+//!
+//! Owns every wasmtime type; callers see [`Plugin`], [`Info`] and [`PluginError`] only.
+//! Never imports axum or redb. Calls are synchronous and may take minutes, so callers run
+//! them on the blocking pool.
+
+mod disk;
+
+pub use disk::{DiskReader, DiskWriter, create_blank};
+
+use crate::model::DiskFormat;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        // Host functions may trap: a bad resource handle is a plugin bug, not an error
+        // the plugin could handle.
+        imports: { default: trappable },
+        with: {
+            "conductor:provider/host.disk-reader": super::DiskReader,
+            "conductor:provider/host.disk-writer": super::DiskWriter,
+        },
+    });
+}
+
+use bindings::conductor::provider::host as wit_host;
+use bindings::conductor::provider::types as wit;
+
+include!(concat!(env!("OUT_DIR"), "/bundled_plugins.rs"));
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(100);
+
+/// Limits every plugin call runs under.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory a plugin may grow to.
+    pub memory_bytes: usize,
+    /// Wall-clock time one call may take before it is interrupted.
+    pub call_timeout: Duration,
+    /// The largest image a build may write.
+    pub max_image_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 << 20,
+            call_timeout: Duration::from_secs(3600),
+            max_image_bytes: 1 << 44,
+        }
+    }
+}
+
+/// Why a plugin call failed. The first five are the plugin's own answer; the rest are the
+/// sandbox stopping it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("credentials refused: {0}")]
+    BadCredentials(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the plugin crashed: {0}")]
+    Trap(String),
+    #[error("the plugin ran past its time limit of {0:?} and was stopped")]
+    Timeout(Duration),
+    #[error("the server could not run the plugin: {0}")]
+    Host(String),
+}
+
+impl From<wit::Error> for PluginError {
+    fn from(e: wit::Error) -> Self {
+        match e {
+            wit::Error::InvalidInput(m) => PluginError::InvalidInput(m),
+            wit::Error::BadCredentials(m) => PluginError::BadCredentials(m),
+            wit::Error::NotFound(m) => PluginError::NotFound(m),
+            wit::Error::Unavailable(m) => PluginError::Unavailable(m),
+            wit::Error::Failed(m) => PluginError::Failed(m),
+        }
+    }
+}
+
+/// A credential an account of a provider type carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialDefinition {
+    pub name: String,
+    pub label: String,
+    pub input_type: String,
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub target: String,
+    pub display_name: String,
+    pub version: String,
+    pub credentials: Vec<CredentialDefinition>,
+    pub settings: Vec<String>,
+    pub format: DiskFormat,
+    pub hosts: Vec<String>,
+}
+
+/// The template facts a build starts from.
+#[derive(Debug, Clone)]
+pub struct TemplateFacts {
+    pub xml: String,
+    pub name: String,
+    pub os_name: String,
+    pub os_version: String,
+    pub arch: String,
+    pub disk_size: u64,
+    /// How the template says to install the OS (`url`, `iso`), if it does.
+    pub install: Option<String>,
+}
+
+/// A provider and account as a plugin sees them.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub provider_name: String,
+    pub settings: Vec<(String, String)>,
+    pub account_name: String,
+    pub credentials: Vec<(String, String)>,
+}
+
+/// What a finished build reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOutput {
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+}
+
+/// Receives a plugin's progress reports: percent and a one-line activity.
+pub type ProgressSink = Box<dyn FnMut(u8, &str) + Send>;
+
+/// What one call needs besides its arguments.
+pub struct CallContext {
+    /// Names the job in the log lines the plugin writes.
+    pub label: String,
+    pub progress: ProgressSink,
+}
+
+/// Per-call store data: the WASI context (no files, no environment, no network) and the
+/// resource table holding the disks.
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    context: CallContext,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for State {}
+
+impl wit_host::Host for State {
+    fn progress(&mut self, percent: u8, activity: String) -> wasmtime::Result<()> {
+        // Activities are one line and short; a plugin cannot flood the status with text.
+        let line: String = activity
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
+        (self.context.progress)(percent.min(100), &line);
+        Ok(())
+    }
+
+    fn log(&mut self, level: wit_host::Level, message: String) -> wasmtime::Result<()> {
+        let message: String = message.chars().take(2000).collect();
+        let job = &self.context.label;
+        match level {
+            wit_host::Level::Debug => tracing::debug!(job, "plugin: {message}"),
+            wit_host::Level::Info => tracing::info!(job, "plugin: {message}"),
+            wit_host::Level::Warn => tracing::warn!(job, "plugin: {message}"),
+            wit_host::Level::Error => tracing::error!(job, "plugin: {message}"),
+        }
+        Ok(())
+    }
+}
+
+fn io_error(e: std::io::Error) -> wit::Error {
+    wit::Error::Failed(format!("disk access failed: {e}"))
+}
+
+impl wit_host::HostDiskReader for State {
+    fn size(&mut self, disk: Resource<DiskReader>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&disk)?.size())
+    }
+
+    fn read(
+        &mut self,
+        disk: Resource<DiskReader>,
+        offset: u64,
+        length: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>, wit::Error>> {
+        Ok(self
+            .table
+            .get(&disk)?
+            .read(offset, length)
+            .map_err(io_error))
+    }
+
+    fn extents(
+        &mut self,
+        disk: Resource<DiskReader>,
+    ) -> wasmtime::Result<Result<Vec<wit_host::Extent>, wit::Error>> {
+        Ok(self
+            .table
+            .get(&disk)?
+            .extents()
+            .map_err(io_error)
+            .map(|runs| {
+                runs.into_iter()
+                    .map(|(offset, length)| wit_host::Extent { offset, length })
+                    .collect()
+            }))
+    }
+
+    fn drop(&mut self, disk: Resource<DiskReader>) -> wasmtime::Result<()> {
+        self.table.delete(disk)?;
+        Ok(())
+    }
+}
+
+impl wit_host::HostDiskWriter for State {
+    fn write(
+        &mut self,
+        disk: Resource<DiskWriter>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), wit::Error>> {
+        Ok(self
+            .table
+            .get(&disk)?
+            .write(offset, &data)
+            .map_err(io_error))
+    }
+
+    fn set_size(
+        &mut self,
+        disk: Resource<DiskWriter>,
+        size: u64,
+    ) -> wasmtime::Result<Result<(), wit::Error>> {
+        Ok(self.table.get(&disk)?.set_size(size).map_err(io_error))
+    }
+
+    fn drop(&mut self, disk: Resource<DiskWriter>) -> wasmtime::Result<()> {
+        self.table.delete(disk)?;
+        Ok(())
+    }
+}
+
+fn format_from_wit(format: wit::DiskFormat) -> DiskFormat {
+    match format {
+        wit::DiskFormat::Raw => DiskFormat::Raw,
+        wit::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+        wit::DiskFormat::Vmdk => DiskFormat::Vmdk,
+    }
+}
+
+/// A loaded plugin, ready to be instantiated for a call.
+pub struct Plugin {
+    pub info: Info,
+    /// Where it came from: `bundled:mock.wasm` or a file path.
+    pub source: String,
+    pre: bindings::PluginPre<State>,
+    engine: Engine,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("info", &self.info)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// A fresh store and instance for one call, with the sandbox's limits.
+    fn instantiate(
+        &self,
+        context: CallContext,
+    ) -> Result<(Store<State>, bindings::Plugin), PluginError> {
+        let state = State {
+            // No preopened directories, no environment, no arguments: WASI here is only
+            // clocks, randomness and stdio that goes nowhere.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .instances(16)
+                .tables(32)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            context,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let ticks = (self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Host(format!("instantiating {}: {e}", self.source)))?;
+        Ok((store, instance))
+    }
+
+    fn trap(&self, error: wasmtime::Error) -> PluginError {
+        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>()
+            && *trap == wasmtime::Trap::Interrupt
+        {
+            return PluginError::Timeout(self.limits.call_timeout);
+        }
+        // The root cause is the useful line ("unreachable", "out of memory"); the
+        // backtrace goes to the log.
+        tracing::warn!(plugin = %self.source, "plugin trapped: {error:?}");
+        let reason = match error.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => trap.to_string(),
+            None => error.root_cause().to_string(),
+        };
+        PluginError::Trap(reason)
+    }
+
+    /// Builds the image for this plugin's target from `base` into a new file at `output`.
+    pub fn build(
+        &self,
+        context: CallContext,
+        template: &TemplateFacts,
+        base: &Path,
+        output: &Path,
+        parameters: &[(String, String)],
+    ) -> Result<BuildOutput, PluginError> {
+        let (mut store, instance) = self.instantiate(context)?;
+        let reader = DiskReader::open(base)
+            .map_err(|e| PluginError::Host(format!("opening the base disk: {e}")))?;
+        let writer = DiskWriter::create(output, self.limits.max_image_bytes)
+            .map_err(|e| PluginError::Host(format!("creating the output disk: {e}")))?;
+        let table = &mut store.data_mut().table;
+        let reader = table
+            .push(reader)
+            .map_err(|e| PluginError::Host(e.to_string()))?;
+        let writer = table
+            .push(writer)
+            .map_err(|e| PluginError::Host(e.to_string()))?;
+        let writer_handle = Resource::<DiskWriter>::new_borrow(writer.rep());
+        let template = wit::Template {
+            xml: template.xml.clone(),
+            name: template.name.clone(),
+            os_name: template.os_name.clone(),
+            os_version: template.os_version.clone(),
+            arch: template.arch.clone(),
+            disk_size: template.disk_size,
+        };
+        let result = instance
+            .conductor_provider_provider()
+            .call_build(
+                &mut store,
+                &template,
+                Resource::new_borrow(reader.rep()),
+                writer_handle,
+                parameters,
+            )
+            .map_err(|e| self.trap(e))?;
+        let output = result.map_err(PluginError::from)?;
+        store
+            .data()
+            .table
+            .get(&writer)
+            .map_err(|e| PluginError::Host(e.to_string()))?
+            .sync()
+            .map_err(|e| PluginError::Host(format!("flushing the image: {e}")))?;
+        Ok(BuildOutput {
+            format: format_from_wit(output.format),
+            virtual_size: output.virtual_size,
+        })
+    }
+
+    /// Pushes the image at `image` to the account; returns the provider's identifier.
+    pub fn push(
+        &self,
+        context: CallContext,
+        target: &Target,
+        image: &Path,
+        name: &str,
+        parameters: &[(String, String)],
+    ) -> Result<String, PluginError> {
+        let (mut store, instance) = self.instantiate(context)?;
+        let reader = DiskReader::open(image)
+            .map_err(|e| PluginError::Host(format!("opening the image: {e}")))?;
+        let reader = store
+            .data_mut()
+            .table
+            .push(reader)
+            .map_err(|e| PluginError::Host(e.to_string()))?;
+        let (provider, account) = wit_target(target);
+        let result = instance
+            .conductor_provider_provider()
+            .call_push(
+                &mut store,
+                &provider,
+                &account,
+                Resource::new_borrow(reader.rep()),
+                name,
+                parameters,
+            )
+            .map_err(|e| self.trap(e))?;
+        result.map_err(PluginError::from)
+    }
+
+    /// Asks the provider whether the account's credentials work.
+    pub fn check_account(&self, context: CallContext, target: &Target) -> Result<(), PluginError> {
+        let (mut store, instance) = self.instantiate(context)?;
+        let (provider, account) = wit_target(target);
+        instance
+            .conductor_provider_provider()
+            .call_check_account(&mut store, &provider, &account)
+            .map_err(|e| self.trap(e))?
+            .map_err(PluginError::from)
+    }
+}
+
+fn wit_target(target: &Target) -> (wit::Provider, wit::Account) {
+    (
+        wit::Provider {
+            name: target.provider_name.clone(),
+            settings: target.settings.clone(),
+        },
+        wit::Account {
+            name: target.account_name.clone(),
+            credentials: target.credentials.clone(),
+        },
+    )
+}
+
+/// The engine and every loaded plugin, by target name.
+pub struct Plugins {
+    engine: Engine,
+    linker: Linker<State>,
+    limits: Limits,
+    loaded: RwLock<BTreeMap<String, Arc<Plugin>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{source_name}: not a usable plugin component: {reason}")]
+    Invalid { source_name: String, reason: String },
+    #[error("{source_name}: its info() failed: {reason}")]
+    Info { source_name: String, reason: String },
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("wasmtime: {0}")]
+    Engine(String),
+}
+
+impl Plugins {
+    /// Sets up the engine (with epoch interruption for call deadlines) and a thread that
+    /// advances the epoch.
+    pub fn new(limits: Limits) -> Result<Plugins, LoadError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        Ok(Plugins {
+            engine,
+            linker,
+            limits,
+            loaded: RwLock::new(BTreeMap::new()),
+        })
+    }
+
+    /// Compiles a component, checks it links against what the host offers, asks it for
+    /// its info and registers it under its target name (replacing an older one).
+    pub fn load(&self, source_name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, LoadError> {
+        let invalid = |reason: String| LoadError::Invalid {
+            source_name: source_name.to_owned(),
+            reason,
+        };
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
+        let mut plugin = Plugin {
+            info: Info {
+                target: String::new(),
+                display_name: String::new(),
+                version: String::new(),
+                credentials: Vec::new(),
+                settings: Vec::new(),
+                format: DiskFormat::Raw,
+                hosts: Vec::new(),
+            },
+            source: source_name.to_owned(),
+            pre,
+            engine: self.engine.clone(),
+            limits: Limits {
+                // info() is a description, not work: it gets seconds, not an hour.
+                call_timeout: Duration::from_secs(5),
+                ..self.limits.clone()
+            },
+        };
+        let context = CallContext {
+            label: format!("load {source_name}"),
+            progress: Box::new(|_, _| {}),
+        };
+        let (mut store, instance) = plugin.instantiate(context).map_err(|e| LoadError::Info {
+            source_name: source_name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let info = instance
+            .conductor_provider_provider()
+            .call_info(&mut store)
+            .map_err(|e| LoadError::Info {
+                source_name: source_name.to_owned(),
+                reason: plugin.trap(e).to_string(),
+            })?;
+        if info.target.is_empty()
+            || !info
+                .target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(format!(
+                "target name {:?} must be non-empty letters, digits, '-' or '_'",
+                info.target
+            )));
+        }
+        plugin.info = Info {
+            target: info.target,
+            display_name: info.display_name,
+            version: info.version,
+            credentials: info
+                .credentials
+                .into_iter()
+                .map(|c| CredentialDefinition {
+                    name: c.name,
+                    label: c.label,
+                    input_type: c.input_type,
+                })
+                .collect(),
+            settings: info.settings,
+            format: format_from_wit(info.format),
+            hosts: info.hosts,
+        };
+        plugin.limits = self.limits.clone();
+        let plugin = Arc::new(plugin);
+        self.loaded
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(plugin.info.target.clone(), plugin.clone());
+        tracing::info!(
+            target_name = %plugin.info.target,
+            version = %plugin.info.version,
+            source = %source_name,
+            "loaded plugin"
+        );
+        Ok(plugin)
+    }
+
+    /// Loads the plugins compiled into the server.
+    pub fn load_bundled(&self) -> Result<(), LoadError> {
+        for (name, bytes) in BUNDLED {
+            self.load(&format!("bundled:{name}.wasm"), bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Loads every `*.wasm` in `dir`, in name order. A plugin that fails to load is
+    /// reported and skipped, so one bad file does not keep the server down.
+    pub fn load_dir(&self, dir: &Path) -> Result<Vec<LoadError>, LoadError> {
+        let entries = std::fs::read_dir(dir).map_err(|error| LoadError::Io {
+            path: dir.to_owned(),
+            error,
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        paths.sort();
+        let mut failures = Vec::new();
+        for path in paths {
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    failures.push(LoadError::Io { path, error });
+                    continue;
+                }
+            };
+            if let Err(e) = self.load(&path.display().to_string(), &bytes) {
+                tracing::error!("{e}");
+                failures.push(e);
+            }
+        }
+        Ok(failures)
+    }
+
+    /// The plugin for a target name.
+    pub fn get(&self, target: &str) -> Option<Arc<Plugin>> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(target)
+            .cloned()
+    }
+
+    /// Every loaded plugin, by target name.
+    pub fn all(&self) -> Vec<Arc<Plugin>> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}

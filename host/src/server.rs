@@ -1,0 +1,148 @@
+//! Wiring: opens the store, loads plugins, makes the first-start defaults, resumes
+//! interrupted jobs, and serves the API until told to stop.
+
+use crate::api::{self, AppState};
+use crate::auth::{self, Authenticator};
+use crate::jobs::{Jobs, Paths};
+use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
+use crate::plugins::{Limits, Plugins};
+use crate::store::Store;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How the server is started (`conductor serve --help` documents each).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data: PathBuf,
+    /// A folder of extra `*.wasm` plugins, loaded after (and overriding) the bundled ones.
+    pub plugins: Option<PathBuf>,
+    pub external_url: Option<String>,
+    /// How many builds and pushes run at once.
+    pub workers: usize,
+    /// The bootstrap admin's password on first start; generated and printed when unset.
+    pub admin_password: Option<String>,
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("creating the data directory {}", config.data.display()))?;
+    let store = Arc::new(
+        Store::open(&config.data.join("conductor.redb"))
+            .with_context(|| format!("opening the database in {}", config.data.display()))?,
+    );
+
+    let plugins = Arc::new(Plugins::new(Limits::default())?);
+    plugins.load_bundled()?;
+    if let Some(dir) = &config.plugins {
+        let failures = plugins.load_dir(dir)?;
+        for failure in failures {
+            eprintln!("conductor: skipped a plugin: {failure}");
+        }
+    }
+
+    bootstrap(&store, &plugins, &config)?;
+
+    let paths = Paths::new(&config.data).context("creating the image folders")?;
+    // Work directories belong to jobs; every unfinished job starts over below.
+    if let Ok(entries) = std::fs::read_dir(&paths.work) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let jobs = Arc::new(Jobs::new(
+        store.clone(),
+        plugins.clone(),
+        paths,
+        config.workers,
+    ));
+    let resumed = jobs.recover().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed jobs interrupted by the last stop");
+    }
+
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        plugins,
+        auth: Arc::new(Authenticator::new(store)),
+        jobs,
+        external_url: config.external_url.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    // Tests and scripts read this line to find the port when listening on port 0.
+    println!("conductor listening on http://{address}");
+    tracing::info!(%address, "serving the API");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down; unfinished jobs resume at the next start");
+}
+
+/// First start with an empty data directory: the `default` environment, the admin user,
+/// and for each loaded provider type a provider and an account to start with, so a
+/// fresh server can build and push at once.
+fn bootstrap(store: &Store, plugins: &Plugins, config: &Config) -> anyhow::Result<()> {
+    if store.user("admin")?.is_none() {
+        let (password, generated) = match &config.admin_password {
+            Some(p) if !p.is_empty() => (p.clone(), false),
+            _ => (auth::generate_password(), true),
+        };
+        store.put_user(&User {
+            name: "admin".into(),
+            password_hash: auth::hash_password(&password)?,
+            admin: true,
+        })?;
+        if generated {
+            // Printed once: it is not stored anywhere in clear.
+            println!("conductor: created user 'admin' with password {password}");
+        } else {
+            println!(
+                "conductor: created user 'admin' with the password from CONDUCTOR_ADMIN_PASSWORD"
+            );
+        }
+    }
+    if store.environments()?.is_empty() {
+        let env = store.create_environment(DEFAULT_ENVIRONMENT, "default environment")?;
+        for plugin in plugins.all() {
+            let target = &plugin.info.target;
+            let provider = store.create_provider(Provider {
+                id: 0,
+                name: target.clone(),
+                target: target.clone(),
+                settings: Vec::new(),
+            })?;
+            store.create_account(Account {
+                id: 0,
+                label: format!("{target}-acc"),
+                provider_id: provider.id,
+                credentials: Vec::new(),
+                environments: vec![env.id],
+            })?;
+        }
+    }
+    Ok(())
+}

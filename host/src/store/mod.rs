@@ -1,0 +1,598 @@
+//! Metadata in one redb file: typed tables, row codecs, the schema version, and the
+//! transactions that keep rows and their indexes in step.
+//!
+//! Owns every byte in `conductor.redb`. Never imports axum or wasmtime. Calls block on
+//! disk, so async callers run them on the blocking pool.
+
+mod tables;
+
+use crate::model::{
+    Account, Build, Environment, Id, Image, Job, Provider, ProviderImage, TargetImage, User,
+};
+use redb::{Database, Key, ReadableTable, Table, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::borrow::Borrow;
+use std::path::Path;
+use tables::*;
+
+/// The layout this build of the server reads and writes.
+const SCHEMA_VERSION: u64 = 1;
+/// Leading byte of every stored row: the encoding of the rest.
+const ROW_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Redb(Box<redb::Error>),
+    #[error("a stored {table} row is unreadable: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+    #[error(
+        "the data directory holds schema version {found}, but this server reads version {SCHEMA_VERSION}; \
+         run the conductor release that wrote it, or restore a backup made for this one"
+    )]
+    SchemaMismatch { found: u64 },
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Redb(Box::new(e.into())) }
+        }
+    )*};
+}
+redb_errors!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = vec![ROW_VERSION];
+    // postcard only fails for types serde cannot describe, which ours never are.
+    bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
+    bytes
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T> {
+    match bytes.split_first() {
+        Some((&ROW_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
+            table,
+            reason: e.to_string(),
+        }),
+        Some((version, _)) => Err(StoreError::Corrupt {
+            table,
+            reason: format!("unknown row version {version}"),
+        }),
+        None => Err(StoreError::Corrupt {
+            table,
+            reason: "empty row".into(),
+        }),
+    }
+}
+
+/// Reads one row from a table of either kind of transaction.
+fn get<'k, K: Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    name: &'static str,
+    key: impl Borrow<K::SelfType<'k>>,
+) -> Result<Option<T>> {
+    match table.get(key)? {
+        Some(row) => Ok(Some(decode(name, row.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads every row of a table, in key order.
+fn all<K: Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    name: &'static str,
+) -> Result<Vec<T>> {
+    let mut rows = Vec::with_capacity(table.len()? as usize);
+    for entry in table.iter()? {
+        let (_, row) = entry?;
+        rows.push(decode(name, row.value())?);
+    }
+    Ok(rows)
+}
+
+/// The child ids an index holds for one parent, in creation order.
+fn children(index: &impl ReadableTable<(u128, u128), ()>, parent: u128) -> Result<Vec<u128>> {
+    let mut ids = Vec::new();
+    for entry in index.range((parent, 0u128)..=(parent, u128::MAX))? {
+        let (key, _) = entry?;
+        ids.push(key.value().1);
+    }
+    Ok(ids)
+}
+
+fn put<'k, K: Key + 'static, T: Serialize>(
+    table: &mut Table<K, &'static [u8]>,
+    key: impl Borrow<K::SelfType<'k>>,
+    value: &T,
+) -> Result<()> {
+    table.insert(key, encode(value).as_slice())?;
+    Ok(())
+}
+
+/// What a cascading delete removed, so the caller can report the provider content and
+/// remove image files.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub target_images: Vec<TargetImage>,
+    pub provider_images: Vec<ProviderImage>,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the database, creates missing tables, and refuses a file written
+    /// with another schema version.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema-version")?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema-version", SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => return Err(StoreError::SchemaMismatch { found }),
+            }
+            txn.open_table(ENVIRONMENTS)?;
+            txn.open_table(USERS)?;
+            txn.open_table(PROVIDERS)?;
+            txn.open_table(ACCOUNTS)?;
+            txn.open_table(IMAGES)?;
+            txn.open_table(BUILDS)?;
+            txn.open_table(TARGET_IMAGES)?;
+            txn.open_table(PROVIDER_IMAGES)?;
+            txn.open_table(JOBS)?;
+            txn.open_table(IMAGES_BY_ENVIRONMENT)?;
+            txn.open_table(BUILDS_BY_IMAGE)?;
+            txn.open_table(TARGET_IMAGES_BY_BUILD)?;
+            txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    fn next_id(txn: &WriteTransaction, table: &str) -> Result<u64> {
+        let mut meta = txn.open_table(META)?;
+        let key = format!("next-id/{table}");
+        let id = meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(1);
+        meta.insert(key.as_str(), id + 1)?;
+        Ok(id)
+    }
+
+    // ---- environments, users, providers, accounts ----
+
+    pub fn environments(&self) -> Result<Vec<Environment>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(ENVIRONMENTS)?, "environments")
+    }
+
+    pub fn environment(&self, id: u64) -> Result<Option<Environment>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(ENVIRONMENTS)?, "environments", id)
+    }
+
+    pub fn environment_by_name(&self, name: &str) -> Result<Option<Environment>> {
+        Ok(self.environments()?.into_iter().find(|e| e.name == name))
+    }
+
+    /// Creates an environment, giving it the next free id.
+    pub fn create_environment(&self, name: &str, description: &str) -> Result<Environment> {
+        let txn = self.db.begin_write()?;
+        let env = Environment {
+            id: Self::next_id(&txn, "environments")?,
+            name: name.into(),
+            description: description.into(),
+        };
+        put(&mut txn.open_table(ENVIRONMENTS)?, env.id, &env)?;
+        txn.commit()?;
+        Ok(env)
+    }
+
+    pub fn user(&self, name: &str) -> Result<Option<User>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(USERS)?, "users", name)
+    }
+
+    pub fn put_user(&self, user: &User) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(USERS)?, user.name.as_str(), user)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn providers(&self) -> Result<Vec<Provider>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(PROVIDERS)?, "providers")
+    }
+
+    pub fn provider(&self, id: u64) -> Result<Option<Provider>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(PROVIDERS)?, "providers", id)
+    }
+
+    /// Creates a provider from `provider` with the next free id.
+    pub fn create_provider(&self, mut provider: Provider) -> Result<Provider> {
+        let txn = self.db.begin_write()?;
+        provider.id = Self::next_id(&txn, "providers")?;
+        put(&mut txn.open_table(PROVIDERS)?, provider.id, &provider)?;
+        txn.commit()?;
+        Ok(provider)
+    }
+
+    pub fn accounts(&self) -> Result<Vec<Account>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(ACCOUNTS)?, "accounts")
+    }
+
+    pub fn account(&self, id: u64) -> Result<Option<Account>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(ACCOUNTS)?, "accounts", id)
+    }
+
+    pub fn account_by_label(&self, label: &str) -> Result<Option<Account>> {
+        Ok(self.accounts()?.into_iter().find(|a| a.label == label))
+    }
+
+    pub fn create_account(&self, mut account: Account) -> Result<Account> {
+        let txn = self.db.begin_write()?;
+        account.id = Self::next_id(&txn, "accounts")?;
+        put(&mut txn.open_table(ACCOUNTS)?, account.id, &account)?;
+        txn.commit()?;
+        Ok(account)
+    }
+
+    // ---- images and their descendants ----
+
+    pub fn image(&self, id: Id) -> Result<Option<Image>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(IMAGES)?, "images", id.as_u128())
+    }
+
+    /// All images, or those of one environment, in creation order.
+    pub fn images(&self, environment: Option<u64>) -> Result<Vec<Image>> {
+        let txn = self.db.begin_read()?;
+        let images = txn.open_table(IMAGES)?;
+        match environment {
+            None => all(&images, "images"),
+            Some(env) => {
+                let index = txn.open_table(IMAGES_BY_ENVIRONMENT)?;
+                let mut rows = Vec::new();
+                for entry in index.range((env, 0u128)..=(env, u128::MAX))? {
+                    let (key, _) = entry?;
+                    if let Some(image) = get(&images, "images", key.value().1)? {
+                        rows.push(image);
+                    }
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    pub fn build(&self, id: Id) -> Result<Option<Build>> {
+        let txn = self.db.begin_read()?;
+        get(&txn.open_table(BUILDS)?, "builds", id.as_u128())
+    }
+
+    /// All builds, or the builds of one image, oldest first.
+    pub fn builds(&self, image: Option<Id>) -> Result<Vec<Build>> {
+        let txn = self.db.begin_read()?;
+        let builds = txn.open_table(BUILDS)?;
+        match image {
+            None => all(&builds, "builds"),
+            Some(image) => {
+                let ids = children(&txn.open_table(BUILDS_BY_IMAGE)?, image.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, Build>(&builds, "builds", id)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    pub fn target_image(&self, id: Id) -> Result<Option<TargetImage>> {
+        let txn = self.db.begin_read()?;
+        get(
+            &txn.open_table(TARGET_IMAGES)?,
+            "target images",
+            id.as_u128(),
+        )
+    }
+
+    /// All target images, or those of one build, in creation order.
+    pub fn target_images(&self, build: Option<Id>) -> Result<Vec<TargetImage>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TARGET_IMAGES)?;
+        match build {
+            None => all(&table, "target images"),
+            Some(build) => {
+                let ids = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, TargetImage>(&table, "target images", id)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    pub fn provider_image(&self, id: Id) -> Result<Option<ProviderImage>> {
+        let txn = self.db.begin_read()?;
+        get(
+            &txn.open_table(PROVIDER_IMAGES)?,
+            "provider images",
+            id.as_u128(),
+        )
+    }
+
+    /// All provider images, or those of one target image, in creation order.
+    pub fn provider_images(&self, target_image: Option<Id>) -> Result<Vec<ProviderImage>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PROVIDER_IMAGES)?;
+        match target_image {
+            None => all(&table, "provider images"),
+            Some(ti) => {
+                let index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+                let ids = children(&index, ti.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, ProviderImage>(&table, "provider images", id)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    /// Stores a build request at once: the image (when new), the build, its target images
+    /// and one job per target image. Nothing is stored if any part fails.
+    pub fn create_build(
+        &self,
+        new_image: Option<&Image>,
+        build: &Build,
+        target_images: &[TargetImage],
+        jobs: &[Job],
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        if let Some(image) = new_image {
+            put(&mut txn.open_table(IMAGES)?, image.id.as_u128(), image)?;
+            txn.open_table(IMAGES_BY_ENVIRONMENT)?
+                .insert((image.environment_id, image.id.as_u128()), ())?;
+        }
+        put(&mut txn.open_table(BUILDS)?, build.id.as_u128(), build)?;
+        txn.open_table(BUILDS_BY_IMAGE)?
+            .insert((build.image_id.as_u128(), build.id.as_u128()), ())?;
+        {
+            let mut table = txn.open_table(TARGET_IMAGES)?;
+            let mut index = txn.open_table(TARGET_IMAGES_BY_BUILD)?;
+            for ti in target_images {
+                put(&mut table, ti.id.as_u128(), ti)?;
+                index.insert((ti.build_id.as_u128(), ti.id.as_u128()), ())?;
+            }
+        }
+        Self::put_jobs(&txn, jobs)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Stores a push request at once: its provider images and their jobs.
+    pub fn create_push(&self, provider_images: &[ProviderImage], jobs: &[Job]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PROVIDER_IMAGES)?;
+            let mut index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+            for pi in provider_images {
+                put(&mut table, pi.id.as_u128(), pi)?;
+                index.insert((pi.target_image_id.as_u128(), pi.id.as_u128()), ())?;
+            }
+        }
+        Self::put_jobs(&txn, jobs)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn put_jobs(txn: &WriteTransaction, jobs: &[Job]) -> Result<()> {
+        let mut table = txn.open_table(JOBS)?;
+        for job in jobs {
+            put(&mut table, job.id.as_u128(), job)?;
+        }
+        Ok(())
+    }
+
+    /// Changes a target image in place and returns the result; `None` when it no longer
+    /// exists (deleted while its job ran).
+    pub fn update_target_image(
+        &self,
+        id: Id,
+        change: impl FnOnce(&mut TargetImage),
+    ) -> Result<Option<TargetImage>> {
+        let txn = self.db.begin_write()?;
+        let updated = {
+            let mut table = txn.open_table(TARGET_IMAGES)?;
+            let current: Option<TargetImage> = get(&table, "target images", id.as_u128())?;
+            match current {
+                Some(mut ti) => {
+                    change(&mut ti);
+                    put(&mut table, id.as_u128(), &ti)?;
+                    Some(ti)
+                }
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(updated)
+    }
+
+    /// Changes a provider image in place, like [`Store::update_target_image`].
+    pub fn update_provider_image(
+        &self,
+        id: Id,
+        change: impl FnOnce(&mut ProviderImage),
+    ) -> Result<Option<ProviderImage>> {
+        let txn = self.db.begin_write()?;
+        let updated = {
+            let mut table = txn.open_table(PROVIDER_IMAGES)?;
+            let current: Option<ProviderImage> = get(&table, "provider images", id.as_u128())?;
+            match current {
+                Some(mut pi) => {
+                    change(&mut pi);
+                    put(&mut table, id.as_u128(), &pi)?;
+                    Some(pi)
+                }
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(updated)
+    }
+
+    // ---- jobs ----
+
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(JOBS)?, "jobs")
+    }
+
+    pub fn put_job(&self, job: &Job) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(JOBS)?, job.id.as_u128(), job)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_job(&self, id: Id) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(JOBS)?.remove(id.as_u128())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    // ---- cascading deletes (reference/conductor-api.md §8) ----
+
+    /// Deletes an image, its builds, their target images and provider images, and their
+    /// jobs. `None` when there is no such image.
+    pub fn delete_image(&self, id: Id) -> Result<Option<Removed>> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Removed::default();
+        let image: Option<Image> = get(&txn.open_table(IMAGES)?, "images", id.as_u128())?;
+        let Some(image) = image else { return Ok(None) };
+        let builds = children(&txn.open_table(BUILDS_BY_IMAGE)?, id.as_u128())?;
+        for build in builds {
+            Self::delete_build_in(&txn, build, &mut removed)?;
+        }
+        txn.open_table(IMAGES)?.remove(id.as_u128())?;
+        txn.open_table(IMAGES_BY_ENVIRONMENT)?
+            .remove((image.environment_id, id.as_u128()))?;
+        txn.commit()?;
+        Ok(Some(removed))
+    }
+
+    /// Deletes a build with its target images and provider images; the image stays.
+    pub fn delete_build(&self, id: Id) -> Result<Option<Removed>> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Removed::default();
+        let exists = txn.open_table(BUILDS)?.get(id.as_u128())?.is_some();
+        if !exists {
+            return Ok(None);
+        }
+        Self::delete_build_in(&txn, id.as_u128(), &mut removed)?;
+        txn.commit()?;
+        Ok(Some(removed))
+    }
+
+    /// Deletes a target image with its provider images; build and image stay.
+    pub fn delete_target_image(&self, id: Id) -> Result<Option<Removed>> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Removed::default();
+        let exists = txn.open_table(TARGET_IMAGES)?.get(id.as_u128())?.is_some();
+        if !exists {
+            return Ok(None);
+        }
+        Self::delete_target_image_in(&txn, id.as_u128(), &mut removed)?;
+        txn.commit()?;
+        Ok(Some(removed))
+    }
+
+    /// Deletes one provider image record.
+    pub fn delete_provider_image(&self, id: Id) -> Result<Option<Removed>> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Removed::default();
+        let exists = txn
+            .open_table(PROVIDER_IMAGES)?
+            .get(id.as_u128())?
+            .is_some();
+        if !exists {
+            return Ok(None);
+        }
+        Self::delete_provider_image_in(&txn, id.as_u128(), &mut removed)?;
+        txn.commit()?;
+        Ok(Some(removed))
+    }
+
+    fn delete_build_in(txn: &WriteTransaction, build: u128, removed: &mut Removed) -> Result<()> {
+        let row: Option<Build> = get(&txn.open_table(BUILDS)?, "builds", build)?;
+        let target_images = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build)?;
+        for ti in target_images {
+            Self::delete_target_image_in(txn, ti, removed)?;
+        }
+        txn.open_table(BUILDS)?.remove(build)?;
+        if let Some(row) = row {
+            txn.open_table(BUILDS_BY_IMAGE)?
+                .remove((row.image_id.as_u128(), build))?;
+        }
+        Ok(())
+    }
+
+    fn delete_target_image_in(
+        txn: &WriteTransaction,
+        id: u128,
+        removed: &mut Removed,
+    ) -> Result<()> {
+        let index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+        let provider_images = children(&index, id)?;
+        drop(index);
+        for pi in provider_images {
+            Self::delete_provider_image_in(txn, pi, removed)?;
+        }
+        let row: Option<TargetImage> = get(&txn.open_table(TARGET_IMAGES)?, "target images", id)?;
+        txn.open_table(TARGET_IMAGES)?.remove(id)?;
+        txn.open_table(JOBS)?.remove(id)?;
+        if let Some(row) = row {
+            txn.open_table(TARGET_IMAGES_BY_BUILD)?
+                .remove((row.build_id.as_u128(), id))?;
+            removed.target_images.push(row);
+        }
+        Ok(())
+    }
+
+    fn delete_provider_image_in(
+        txn: &WriteTransaction,
+        id: u128,
+        removed: &mut Removed,
+    ) -> Result<()> {
+        let row: Option<ProviderImage> =
+            get(&txn.open_table(PROVIDER_IMAGES)?, "provider images", id)?;
+        txn.open_table(PROVIDER_IMAGES)?.remove(id)?;
+        txn.open_table(JOBS)?.remove(id)?;
+        if let Some(row) = row {
+            txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?
+                .remove((row.target_image_id.as_u128(), id))?;
+            removed.provider_images.push(row);
+        }
+        Ok(())
+    }
+}

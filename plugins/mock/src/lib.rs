@@ -1,0 +1,224 @@
+//! The `mock` provider: a target that needs no cloud. Builds copy the base disk into a
+//! raw image at once, pushes "upload" by reading the image and answer a deterministic
+//! `Mock_<provider>_<uuid>` identifier. Tests and demos use it to drive every API path.
+//!
+//! Failure injection, through the build or push request's parameters:
+//! - `fail=build` makes `build` fail, `fail=push` makes `push` fail, with a message
+//!   that names the parameter, so a test can check `status_detail/error`;
+//! - `fail=trap` makes the call panic, which the host sees as a trap;
+//! - `delay_ms=N` spreads the call over about N milliseconds in ten progress steps,
+//!   so a test can watch a job while it runs or stop the server under it.
+//!
+//! An account whose `password` is `invalid` is refused by `check-account`.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "plugin",
+});
+
+use conductor::provider::host::{self, DiskReader, DiskWriter, Level};
+use conductor::provider::types::{
+    Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
+    ProviderInfo, Template,
+};
+use exports::conductor::provider::provider::Guest;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+struct Mock;
+
+export!(Mock);
+
+/// Largest read the plugin asks for at once: big enough to keep the host boundary cheap,
+/// small enough to keep the plugin's memory low.
+const CHUNK: u64 = 4 << 20;
+
+fn param<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    parameters
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Honours `fail=<stage>` and `fail=trap` for the stage about to run.
+fn injected_failure(parameters: &[(String, String)], stage: &str) -> Result<(), Error> {
+    match param(parameters, "fail") {
+        Some("trap") => panic!("mock plugin asked to trap by the fail=trap parameter"),
+        Some(value) if value == stage => Err(Error::Failed(format!(
+            "mock {stage} failed as requested by the fail={stage} parameter"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Sleeps one tenth of `delay_ms`, so that ten steps take about the whole delay.
+fn pause(parameters: &[(String, String)]) {
+    if let Some(ms) = param(parameters, "delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms / 10));
+    }
+}
+
+/// Copies every allocated extent of `from` into `to`, reporting progress between
+/// `start` and `end` percent. Holes are skipped: they read as zeros on both sides.
+fn copy_extents(
+    from: &DiskReader,
+    to: Option<&DiskWriter>,
+    parameters: &[(String, String)],
+    verb: &str,
+) -> Result<u64, Error> {
+    let extents = from.extents()?;
+    let total: u64 = extents.iter().map(|e| e.length).sum();
+    let mut done = 0u64;
+    let mut step = 0u64;
+    for extent in &extents {
+        let mut offset = extent.offset;
+        let end = extent.offset + extent.length;
+        while offset < end {
+            let length = (end - offset).min(CHUNK);
+            let bytes = from.read(offset, length as u32)?;
+            if bytes.is_empty() {
+                break;
+            }
+            if let Some(to) = to {
+                to.write(offset, &bytes)?;
+            }
+            offset += bytes.len() as u64;
+            done += bytes.len() as u64;
+            let percent = (done * 90 / total.max(1)) as u8;
+            host::progress(percent, &format!("{verb} {done} of {total} bytes"));
+        }
+    }
+    // Ten paced steps, so `delay_ms` is visible as moving progress.
+    while step < 10 {
+        pause(parameters);
+        step += 1;
+        host::progress(90 + step as u8, &format!("{verb}: finishing"));
+    }
+    Ok(done)
+}
+
+/// A UUID-shaped identifier derived from the inputs, so the same push always yields the
+/// same identifier and tests can predict it.
+fn stable_uuid(parts: &[&str]) -> String {
+    let mut halves = [0u64; 2];
+    for (salt, half) in halves.iter_mut().enumerate() {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        parts.hash(&mut hasher);
+        *half = hasher.finish();
+    }
+    let hex = format!("{:016x}{:016x}", halves[0], halves[1]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+impl Guest for Mock {
+    fn info() -> ProviderInfo {
+        ProviderInfo {
+            target: "mock".into(),
+            display_name: "Mock".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            credentials: vec![
+                CredentialDefinition {
+                    name: "username".into(),
+                    label: "username".into(),
+                    input_type: "text".into(),
+                },
+                CredentialDefinition {
+                    name: "password".into(),
+                    label: "password".into(),
+                    input_type: "password".into(),
+                },
+            ],
+            settings: Vec::new(),
+            format: DiskFormat::Raw,
+            hosts: Vec::new(),
+        }
+    }
+
+    fn check_account(_provider: Provider, account: Account) -> Result<(), Error> {
+        let password = account
+            .credentials
+            .iter()
+            .find(|(name, _)| name == "password")
+            .map(|(_, value)| value.as_str());
+        match password {
+            Some("invalid") => Err(Error::BadCredentials(
+                "Login credentials are invalid for this Provider.".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn build(
+        template: Template,
+        base: &DiskReader,
+        output: &DiskWriter,
+        parameters: Vec<(String, String)>,
+    ) -> Result<BuildOutput, Error> {
+        host::log(
+            Level::Info,
+            &format!("building '{}' for mock", template.name),
+        );
+        host::progress(0, "copying the base disk");
+        injected_failure(&parameters, "build")?;
+        let size = base.size();
+        output.set_size(size)?;
+        copy_extents(base, Some(output), &parameters, "copied")?;
+        host::progress(100, "build complete");
+        Ok(BuildOutput {
+            format: DiskFormat::Raw,
+            virtual_size: size,
+        })
+    }
+
+    fn push(
+        provider: Provider,
+        account: Account,
+        image: &DiskReader,
+        name: String,
+        parameters: Vec<(String, String)>,
+    ) -> Result<String, Error> {
+        host::progress(0, "uploading to the mock provider");
+        injected_failure(&parameters, "push")?;
+        copy_extents(image, None, &parameters, "uploaded")?;
+        host::progress(100, "push complete");
+        Ok(format!(
+            "Mock_{}_{}",
+            provider.name,
+            stable_uuid(&[&provider.name, &account.name, &name])
+        ))
+    }
+
+    fn delete(
+        _provider: Provider,
+        _account: Account,
+        _target_identifier: String,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn lookup(
+        provider: Provider,
+        _account: Account,
+        target_identifier: String,
+    ) -> Result<ImageDetails, Error> {
+        if target_identifier.starts_with(&format!("Mock_{}_", provider.name)) {
+            Ok(ImageDetails {
+                name: target_identifier.clone(),
+                target_identifier,
+                arch: "x86_64".into(),
+            })
+        } else {
+            Err(Error::NotFound(format!(
+                "no mock image {target_identifier} on provider {}",
+                provider.name
+            )))
+        }
+    }
+}

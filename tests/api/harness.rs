@@ -1,0 +1,205 @@
+//! Starts the real `conductor` binary on port 0 with a temporary data directory and
+//! talks to it over HTTP. No sleeps: waits poll a condition until a deadline.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "test-password";
+/// Test-only plugins (`testbed`), built by host/build.rs.
+pub const TEST_PLUGINS: &str = env!("CONDUCTOR_TEST_PLUGINS");
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+
+    client: reqwest::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub content_type: String,
+}
+
+impl Reply {
+    /// The body as an XML document; panics with the body when it is not one.
+    pub fn doc(&self) -> roxmltree::Document<'_> {
+        roxmltree::Document::parse(&self.body)
+            .unwrap_or_else(|e| panic!("not XML ({e}): {:?}", self.body))
+    }
+
+    /// The text of the first element with this name.
+    pub fn text(&self, name: &str) -> String {
+        let doc = self.doc();
+        doc.descendants()
+            .find(|n| n.has_tag_name(name))
+            .map(|n| n.text().unwrap_or("").to_owned())
+            .unwrap_or_else(|| panic!("no <{name}> in {}", self.body))
+    }
+
+    /// `id` attributes of every element with this name, in document order.
+    pub fn ids(&self, name: &str) -> Vec<String> {
+        self.doc()
+            .descendants()
+            .filter(|n| n.has_tag_name(name))
+            .filter_map(|n| n.attribute("id").map(str::to_owned))
+            .collect()
+    }
+
+    /// Asserts an `<error>` reply with this status and code; returns the message.
+    pub fn assert_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status, status, "status of {}", self.body);
+        assert_eq!(self.text("code"), code, "code of {}", self.body);
+        self.text("message")
+    }
+}
+
+impl Server {
+    /// Starts a server on a new data directory with the test plugins loaded.
+    pub fn start(data: &Path) -> Server {
+        Server::start_with(data, &["--plugins", TEST_PLUGINS])
+    }
+
+    pub fn start_with(data: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(args)
+            .env("CONDUCTOR_ADMIN_PASSWORD", PASSWORD)
+            .env("CONDUCTOR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start conductor");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("conductor listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("conductor printed its address");
+        Server {
+            child,
+            url,
+
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request reached the server");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = response.text().await.expect("response body");
+        Reply {
+            status,
+            body,
+            content_type,
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.url))
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(
+            self.request(reqwest::Method::GET, path)
+                .basic_auth("admin", Some(PASSWORD))
+                .header("Accept", "application/xml"),
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> Reply {
+        self.send(
+            self.request(reqwest::Method::POST, path)
+                .basic_auth("admin", Some(PASSWORD))
+                .header("Content-Type", "application/xml")
+                .body(body.to_owned()),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(
+            self.request(reqwest::Method::DELETE, path)
+                .basic_auth("admin", Some(PASSWORD)),
+        )
+        .await
+    }
+
+    pub async fn raw(&self, request: reqwest::RequestBuilder) -> Reply {
+        self.send(request).await
+    }
+
+    /// Polls `GET path` until `<status>` is terminal; returns the last reply.
+    pub async fn wait_terminal(&self, path: &str) -> Reply {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self.get(path).await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+            let status = reply.text("status");
+            if ["COMPLETE", "FAILED", "CANCELLED"].contains(&status.as_str()) {
+                return reply;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} still {status} after 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the server the hard way, as a crash or power cut would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit.
+    pub fn stop(mut self) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TDL template with this name, as aeolus-cli's example has it.
+pub fn template(name: &str) -> String {
+    format!(
+        "<template><name>{name}</name><description>a test image</description>\
+         <os><name>Fedora</name><version>14</version><arch>x86_64</arch><rootpw>password</rootpw>\
+         <install type='url'><url>http://download.fedoraproject.org/pub/fedora/linux/releases/14/Fedora/x86_64/os/</url></install></os>\
+         </template>"
+    )
+}
+
+/// A build request with the template as child elements.
+pub fn build_request(targets: &str, template: &str, extra: &str) -> String {
+    format!(
+        "<?xml version='1.0' encoding='UTF-8'?><image><targets>{targets}</targets><tdl>{template}</tdl>\
+         <environment>default</environment>{extra}</image>"
+    )
+}

@@ -1,0 +1,9 @@
+//! Black-box tests of the API: each starts the real `conductor` binary on port 0 with a
+//! temporary data directory and speaks HTTP to it.
+
+mod builds;
+mod errors;
+mod harness;
+mod pushes;
+mod restart;
+mod routes;

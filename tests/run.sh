@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's test command (README: "Run the tests"), also what CI runs through
+# .ci/run. It needs only what a new machine of this kind has: the Rust toolchain named
+# in rust-toolchain.toml (rustup adds the wasm32-wasip2 target on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== formatting"
+cargo fmt --all --check
+
+echo "== lints (host and plugins)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo test --locked
