@@ -213,3 +213,66 @@ async fn the_api_tour_example_runs_against_the_server() {
     assert!(!stdout.contains("FAILED"));
     assert!(server.get("/api/images").await.ids("image").is_empty());
 }
+
+#[tokio::test]
+async fn providers_accounts_and_nested_provider_image_routes_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let providers = server.get("/api/providers.xml").await;
+    assert_eq!(providers.status, 200);
+    assert_eq!(providers.ids("provider"), ["1", "2"]);
+    assert_eq!(server.get("/api/providers/1").await.text("name"), "mock");
+    let accounts = server.get("/api/provider_accounts.xml").await;
+    assert_eq!(accounts.ids("provider_account"), ["1", "2"]);
+    let account = server.get("/api/provider_accounts/1.xml").await;
+    assert_eq!(account.text("name"), "mock-acc");
+    assert_eq!(account.text("provider"), "mock");
+    assert_eq!(account.text("provider_type"), "mock");
+    server
+        .get("/api/providers/9")
+        .await
+        .assert_error(404, "RecordNotFound");
+    server
+        .get("/api/provider_accounts/x")
+        .await
+        .assert_error(404, "RecordNotFound");
+
+    let build = crate::harness::build_request("mock", &crate::harness::template("n"), "");
+    let reply = server.post("/api/images", &build).await;
+    let ti = reply.ids("target_image")[0].clone();
+    server
+        .wait_terminal(&format!("/api/target_images/{ti}"))
+        .await;
+    // The id in the URL is ignored for a push, as in Conductor: the body decides.
+    let pushed = server
+        .post(
+            &format!("/api/target_images/{ti}/provider_images.xml"),
+            &format!("<provider_image><target_image_id>{ti}</target_image_id><provider_account>mock-acc</provider_account></provider_image>"),
+        )
+        .await;
+    assert_eq!(pushed.status, 200, "{}", pushed.body);
+    let pi = pushed.ids("provider_image")[0].clone();
+    server
+        .wait_terminal(&format!("/api/provider_images/{pi}"))
+        .await;
+    let nested = server
+        .get(&format!("/api/target_images/{ti}/provider_images/{pi}.xml"))
+        .await;
+    assert_eq!(nested.status, 200);
+    assert_eq!(nested.text("status"), "COMPLETE");
+    assert_eq!(nested.ids("target_image"), [ti.as_str()]);
+}
+
+#[tokio::test]
+async fn hrefs_use_the_configured_external_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(
+        dir.path(),
+        &["--external-url", "https://images.example.org/conductor/"],
+    );
+    let entry = server.get("/api").await;
+    assert_eq!(
+        entry.doc().root_element().attribute("href"),
+        Some("https://images.example.org/conductor/api")
+    );
+}

@@ -596,3 +596,39 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_with_another_schema_version_is_refused_with_advice() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
+            table: "test",
+            reason: e.to_string(),
+        })?;
+        let path = dir.path().join("c.redb");
+        drop(Store::open(&path)?);
+        {
+            let db = Database::create(&path)?;
+            let txn = db.begin_write()?;
+            txn.open_table(META)?.insert("schema-version", 99)?;
+            txn.commit()?;
+        }
+        match Store::open(&path) {
+            Err(e @ StoreError::SchemaMismatch { found: 99 }) => {
+                assert!(e.to_string().contains("restore a backup"));
+            }
+            other => panic!("expected a schema mismatch, got {:?}", other.map(|_| ())),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_of_an_unknown_version_is_an_error_not_a_panic() {
+        let result: Result<Environment> = decode("environments", &[9, 1, 2]);
+        assert!(matches!(result, Err(StoreError::Corrupt { .. })));
+        let result: Result<Environment> = decode("environments", &[]);
+        assert!(matches!(result, Err(StoreError::Corrupt { .. })));
+    }
+}
