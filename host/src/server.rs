@@ -141,6 +141,8 @@ fn bootstrap(store: &Store, plugins: &Plugins, config: &Config) -> anyhow::Resul
                 provider_id: provider.id,
                 credentials: Vec::new(),
                 environments: vec![env.id],
+                priority: None,
+                max_running_instances: None,
             })?;
         }
     }

@@ -4,6 +4,7 @@
 mod builds;
 mod errors;
 mod harness;
+mod providers;
 mod pushes;
 mod restart;
 mod routes;

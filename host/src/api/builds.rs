@@ -1,6 +1,6 @@
 //! `/api/builds` and `/api/images/:image_id/builds` (reference/conductor-api.md §7.3).
 
-use super::images::{remove_files, write_content};
+use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
 use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
 use crate::model::{Build, Id};
@@ -106,6 +106,7 @@ async fn delete_one(
     .await?
     .ok_or_else(|| build_not_found(raw))?;
     remove_files(state, &removed);
+    let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();
@@ -114,7 +115,7 @@ async fn delete_one(
         &[("href", &format!("{base}/builds/{id}")), ("id", &id)],
     )
     .text("status", "DELETED");
-    write_content(&mut doc, &removed);
+    write_content(&mut doc, &removed, &outcomes);
     doc.close("build");
     Ok(xml_ok(doc.finish()))
 }

@@ -79,3 +79,301 @@ pub async fn show(
     doc.close("targets").close("environment");
     Ok(xml_ok(doc.finish()))
 }
+
+// ---- pool families: environments as Conductor's UI routes manage them (§11.4) ----
+
+use super::{CurrentUser, field, no_content, parse_body, xml_created};
+use crate::model::{DEFAULT_ENVIRONMENT, name_problem};
+use axum::Extension;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+fn family_not_found(id: &str) -> ApiError {
+    ApiError::not_found(
+        "RecordNotFound",
+        format!("Couldn't find PoolFamily with id={id}"),
+    )
+}
+
+async fn find_family(state: &Shared, raw: &str) -> ApiResult<Environment> {
+    let key = raw.parse::<u64>().map_err(|_| family_not_found(raw))?;
+    blocking(state, move |store| store.environment(key))
+        .await?
+        .ok_or_else(|| family_not_found(raw))
+}
+
+/// Only administrators manage environments and their accounts.
+fn require_admin(user: &CurrentUser) -> ApiResult<()> {
+    if user.0.admin {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "PermissionDenied",
+            "Insufficient privileges to perform the requested action.",
+        ))
+    }
+}
+
+pub async fn list_families(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+    let base = base(&state, &headers);
+    let environments = blocking(&state, |store| store.environments()).await?;
+    let mut doc = Doc::new();
+    doc.open("pool_families", &[]);
+    for env in &environments {
+        let id = env.id.to_string();
+        doc.empty(
+            "pool_family",
+            &[("href", &format!("{base}/pool_families/{id}")), ("id", &id)],
+        );
+    }
+    doc.close("pool_families");
+    Ok(xml_ok(doc.finish()))
+}
+
+async fn render_family(state: &Shared, headers: &HeaderMap, env: Environment) -> ApiResult<String> {
+    let base = base(state, headers);
+    let key = env.id;
+    let (accounts, images) = blocking(state, move |store| {
+        Ok((store.accounts()?, store.images(Some(key))?))
+    })
+    .await?;
+    let id = env.id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        "pool_family",
+        &[("href", &format!("{base}/pool_families/{id}")), ("id", &id)],
+    )
+    .text("name", &env.name)
+    .text("description", &env.description)
+    .empty("quota", &[("maximum_running_instances", "unlimited")])
+    .open("provider_accounts", &[]);
+    for a in accounts.iter().filter(|a| a.environments.contains(&env.id)) {
+        let aid = a.id.to_string();
+        doc.empty(
+            "provider_account",
+            &[
+                ("href", &format!("{base}/provider_accounts/{aid}")),
+                ("id", &aid),
+            ],
+        );
+    }
+    doc.close("provider_accounts").open("images", &[]);
+    for image in &images {
+        let iid = image.id.to_string();
+        doc.empty(
+            "image",
+            &[("href", &format!("{base}/images/{iid}")), ("id", &iid)],
+        );
+    }
+    doc.close("images").close("pool_family");
+    Ok(doc.finish())
+}
+
+pub async fn show_family(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let env = find_family(&state, &id).await?;
+    Ok(xml_ok(render_family(&state, &headers, env).await?))
+}
+
+/// Reads name and description, collecting problems.
+fn apply_family(
+    body: &super::xml::Element,
+    env: &mut Environment,
+    existing: &[Environment],
+    creating: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(name) = field(body, "name").or_else(|| creating.then(String::new)) {
+        match name_problem(&name) {
+            Some(problem) => problems.push(format!("Name {problem}")),
+            None if existing.iter().any(|e| e.name == name && e.id != env.id) => {
+                problems.push("Name has already been taken".into())
+            }
+            None if env.name == DEFAULT_ENVIRONMENT && name != env.name && !creating => {
+                problems.push("The default environment cannot be renamed".into())
+            }
+            None => env.name = name,
+        }
+    }
+    if let Some(description) = field(body, "description") {
+        env.description = description;
+    }
+    problems
+}
+
+pub async fn create_family(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    require_admin(&user)?;
+    let body = parse_body(&body, "pool_family")?;
+    let existing = blocking(&state, |store| store.environments()).await?;
+    let mut env = Environment {
+        id: 0,
+        name: String::new(),
+        description: String::new(),
+    };
+    let problems = apply_family(&body, &mut env, &existing, true);
+    if !problems.is_empty() {
+        return Err(ApiError::validation(problems));
+    }
+    let env = blocking(&state, move |store| {
+        store.create_environment(&env.name, &env.description)
+    })
+    .await?;
+    Ok(xml_created(render_family(&state, &headers, env).await?))
+}
+
+pub async fn update_family(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    require_admin(&user)?;
+    let mut env = find_family(&state, &id).await?;
+    let body = parse_body(&body, "pool_family")?;
+    let existing = blocking(&state, |store| store.environments()).await?;
+    let problems = apply_family(&body, &mut env, &existing, false);
+    if !problems.is_empty() {
+        return Err(ApiError::validation(problems));
+    }
+    let saved = env.clone();
+    blocking(&state, move |store| store.put_environment(&saved)).await?;
+    Ok(xml_ok(render_family(&state, &headers, env).await?))
+}
+
+/// Refused for the default environment and for one that still holds images.
+pub async fn delete_family(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    require_admin(&user)?;
+    let env = find_family(&state, &id).await?;
+    if env.name == DEFAULT_ENVIRONMENT {
+        return Err(ApiError::in_use(
+            "The default environment cannot be deleted.",
+        ));
+    }
+    let key = env.id;
+    let images = blocking(&state, move |store| {
+        let images = store.images(Some(key))?;
+        if images.is_empty() {
+            store.delete_environment(key)?;
+        }
+        Ok(images)
+    })
+    .await?;
+    if !images.is_empty() {
+        let names: Vec<String> = images
+            .iter()
+            .map(|i| format!("{} ({})", i.name, i.id))
+            .collect();
+        return Err(ApiError::in_use(format!(
+            "There are following associated images: {}. Delete them first.",
+            names.join(", ")
+        )));
+    }
+    Ok(no_content())
+}
+
+pub async fn list_members(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let base = base(&state, &headers);
+    let env = find_family(&state, &id).await?;
+    let accounts = blocking(&state, |store| store.accounts()).await?;
+    let mut doc = Doc::new();
+    doc.open("provider_accounts", &[]);
+    for a in accounts.iter().filter(|a| a.environments.contains(&env.id)) {
+        let aid = a.id.to_string();
+        doc.empty(
+            "provider_account",
+            &[
+                ("href", &format!("{base}/provider_accounts/{aid}")),
+                ("id", &aid),
+            ],
+        );
+    }
+    doc.close("provider_accounts");
+    Ok(xml_ok(doc.finish()))
+}
+
+/// 204 when the account is a member, 404 with an empty body when not (as Conductor).
+pub async fn show_member(
+    State(state): State<Shared>,
+    Path((family, account)): Path<(String, String)>,
+) -> ApiResult {
+    let env = find_family(&state, &family).await?;
+    let key = account.parse::<u64>().ok();
+    let member = match key {
+        Some(key) => blocking(&state, move |store| store.account(key))
+            .await?
+            .is_some_and(|a| a.environments.contains(&env.id)),
+        None => false,
+    };
+    Ok(if member {
+        no_content()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    })
+}
+
+async fn set_member(state: &Shared, family: &str, account: &str, member: bool) -> ApiResult {
+    let env = find_family(state, family).await?;
+    let missing = || {
+        ApiError::not_found(
+            "RecordNotFound",
+            format!("Couldn't find ProviderAccount with id={account}"),
+        )
+    };
+    let key = account.parse::<u64>().map_err(|_| missing())?;
+    let changed = blocking(state, move |store| {
+        let Some(mut a) = store.account(key)? else {
+            return Ok(false);
+        };
+        a.environments.retain(|e| *e != env.id);
+        if member {
+            a.environments.push(env.id);
+        }
+        store.put_account(&a)?;
+        Ok(true)
+    })
+    .await?;
+    if changed {
+        Ok(no_content())
+    } else {
+        Err(missing())
+    }
+}
+
+/// Adds the account to the environment (idempotent).
+pub async fn add_member(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path((family, account)): Path<(String, String)>,
+) -> ApiResult {
+    require_admin(&user)?;
+    set_member(&state, &family, &account, true).await
+}
+
+/// Removes the account from the environment (idempotent).
+pub async fn remove_member(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path((family, account)): Path<(String, String)>,
+) -> ApiResult {
+    require_admin(&user)?;
+    set_member(&state, &family, &account, false).await
+}

@@ -139,15 +139,70 @@ pub async fn show_in_environment(
     render_one(&state, &headers, id, Some(env)).await
 }
 
+/// How long a delete reply waits for the provider-side deletes before it answers; what
+/// is not done by then goes on in the background (the jobs are stored).
+const PROVIDER_DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The outcome of removing one image from its provider.
+pub(super) struct Outcome {
+    identifier: String,
+    status: &'static str,
+    error: String,
+}
+
+/// Runs the provider-side deletes a record delete queued, and waits for them a while.
+pub(super) async fn delete_on_providers(state: &Shared, removed: &Removed) -> Vec<Outcome> {
+    let handles: Vec<_> = removed
+        .deletions
+        .iter()
+        .map(|job| {
+            let identifier = job
+                .deletion
+                .as_ref()
+                .map(|d| d.target_identifier.clone())
+                .unwrap_or_default();
+            (identifier, state.jobs.start(job.clone()))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + PROVIDER_DELETE_WAIT;
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for (identifier, handle) in handles {
+        let outcome = match tokio::time::timeout_at(deadline, handle).await {
+            Ok(Ok(Ok(()))) => ("DELETED", String::new()),
+            Ok(Ok(Err(reason))) => ("FAILED", reason),
+            Ok(Err(_)) => ("FAILED", "the delete crashed inside the server".to_owned()),
+            Err(_) => (
+                "DELETING",
+                "not finished yet; it goes on in the background".to_owned(),
+            ),
+        };
+        outcomes.push(Outcome {
+            identifier,
+            status: outcome.0,
+            error: outcome.1,
+        });
+    }
+    outcomes
+}
+
 /// Writes the `<content>` of a delete reply: every provider image that existed, as
-/// (provider, target_identifier). Never empty, because Conductor's client needs text in it.
-pub(super) fn write_content(doc: &mut Doc, removed: &Removed) {
+/// (provider, target_identifier), and for each one that had been pushed, what became of
+/// it on the provider (`<status>` DELETED, FAILED or DELETING, and `<error>`). Never an
+/// empty element, because Conductor's client needs text in it.
+pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[Outcome]) {
     doc.open("content", &[]);
     for pi in &removed.provider_images {
         doc.open("provider_content", &[])
             .text("provider", &pi.provider_name)
-            .text("target_identifier", &pi.target_identifier)
-            .close("provider_content");
+            .text("target_identifier", &pi.target_identifier);
+        if let Some(outcome) = outcomes
+            .iter()
+            .find(|o| !pi.target_identifier.is_empty() && o.identifier == pi.target_identifier)
+        {
+            doc.text("status", outcome.status)
+                .text("error", &outcome.error);
+        }
+        doc.close("provider_content");
     }
     doc.close("content");
 }
@@ -189,6 +244,7 @@ async fn delete_one(
     .await?
     .ok_or_else(|| image_not_found(&raw))?;
     remove_files(state, &removed);
+    let outcomes = delete_on_providers(state, &removed).await;
     let id = id.to_string();
     let mut doc = Doc::new();
     doc.open(
@@ -196,7 +252,7 @@ async fn delete_one(
         &[("href", &format!("{base}/images/{id}")), ("id", &id)],
     )
     .text("status", "DELETED");
-    write_content(&mut doc, &removed);
+    write_content(&mut doc, &removed, &outcomes);
     doc.close("image");
     Ok(xml_ok(doc.finish()))
 }
@@ -283,17 +339,214 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
     let is_import = request.child("provider_account_name").is_some()
         && request.child("target_identifier").is_some()
         && request.child("image_descriptor").is_some();
-    if !is_build {
-        if is_import {
-            return Err(ApiError::new(
-                axum::http::StatusCode::NOT_IMPLEMENTED,
-                "NotImplemented",
-                "Importing an image from a provider is not supported by this server yet",
-            ));
-        }
-        return Err(insufficient("Please specify a type, build or import"));
+    if is_build {
+        build(&state, &headers, &request).await
+    } else if is_import {
+        import(&state, &headers, &request).await
+    } else {
+        Err(insufficient("Please specify a type, build or import"))
     }
-    build(&state, &headers, &request).await
+}
+
+/// The `<image><name>…</name></image>` descriptor inside `<image_descriptor>`, given as
+/// an element or as escaped text; returns the name it gives.
+fn descriptor_name(descriptor: &Element) -> Result<String, ApiError> {
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Invalid image descriptor: {why}"),
+        )
+    };
+    let parsed;
+    let image = match descriptor.elements().next() {
+        Some(element) => element,
+        None => {
+            let text = descriptor.text();
+            if text.trim().is_empty() {
+                return Err(bad("it is empty; send <image><name>NAME</name></image>"));
+            }
+            parsed = xml::parse(text.trim().as_bytes()).map_err(|e| bad(&e.0))?;
+            &parsed
+        }
+    };
+    if image.name != "image" {
+        return Err(bad("its root must be <image>"));
+    }
+    Ok(image.child_text("name").unwrap_or_default())
+}
+
+/// `POST /api/images` with an import body: records an image that already exists on a
+/// provider (§7.2.4), after the provider's plugin confirms it exists.
+async fn import(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiResult {
+    let base = base(state, headers);
+    let label = request
+        .child_text("provider_account_name")
+        .unwrap_or_default();
+    let identifier = request.child_text("target_identifier").unwrap_or_default();
+    let env_name = request
+        .child_text("environment")
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
+    let descriptor = request
+        .child("image_descriptor")
+        .ok_or_else(|| insufficient("Please specify a type, build or import"))?;
+
+    let (account, environment, providers, accounts) = {
+        let (label, env_name) = (label.clone(), env_name.clone());
+        blocking(state, move |store| {
+            Ok((
+                store.account_by_label(&label)?,
+                store.environment_by_name(&env_name)?,
+                store.providers()?,
+                store.accounts()?,
+            ))
+        })
+        .await?
+    };
+    // Checks in Conductor's order, so the same request fails the same way.
+    let account = account.ok_or_else(|| {
+        ApiError::not_found(
+            "ProviderAccountNotFound",
+            format!("Could not find Provider Account for name {label}"),
+        )
+    })?;
+    let environment = environment.ok_or_else(|| {
+        ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Environment {env_name} was not found."),
+        )
+    })?;
+    if !account.environments.contains(&environment.id) {
+        let valid: Vec<&str> = accounts
+            .iter()
+            .filter(|a| a.environments.contains(&environment.id))
+            .map(|a| a.label.as_str())
+            .collect();
+        return Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!(
+                "Provider Account {label} is not in this Environment. Valid accounts include {}.",
+                valid.join(", ")
+            ),
+        ));
+    }
+    if identifier.is_empty() {
+        return Err(insufficient("No target identifier given"));
+    }
+    let name = descriptor_name(descriptor)?;
+    let provider = providers
+        .into_iter()
+        .find(|p| p.id == account.provider_id)
+        .ok_or_else(|| ApiError::internal(format!("account {label} has no provider")))?;
+
+    let jobs = state.jobs.clone();
+    let found = {
+        let (provider, account, identifier) =
+            (provider.clone(), account.clone(), identifier.clone());
+        tokio::task::spawn_blocking(move || jobs.lookup(&provider, &account, &identifier))
+            .await
+            .map_err(ApiError::internal)?
+    };
+    let details = found.map_err(|e| {
+        tracing::info!(%identifier, "import lookup failed: {e}");
+        ApiError::not_found(
+            "ImageNotFound",
+            format!("Could not find Image {identifier} on Provider"),
+        )
+    })?;
+
+    let complete = || Progress {
+        status: crate::model::Status::Complete,
+        percent: 100,
+        activity: "imported".into(),
+        error: String::new(),
+    };
+    let image = Image {
+        id: model::new_id(),
+        environment_id: environment.id,
+        name: if name.is_empty() {
+            details.name.clone()
+        } else {
+            name
+        },
+        description: String::new(),
+        os: String::new(),
+        os_version: String::new(),
+        arch: details.arch.clone(),
+        template_id: model::new_id(),
+        template: String::new(),
+    };
+    let build = Build {
+        id: model::new_id(),
+        image_id: image.id,
+    };
+    let ti = TargetImage {
+        id: model::new_id(),
+        build_id: build.id,
+        target: provider.target.clone(),
+        progress: complete(),
+        parameters: Vec::new(),
+        disk: None,
+    };
+    let pi = crate::model::ProviderImage {
+        id: model::new_id(),
+        target_image_id: ti.id,
+        provider_id: provider.id,
+        account_id: account.id,
+        provider_name: provider.name.clone(),
+        account_label: account.label.clone(),
+        target_identifier: details.target_identifier.clone(),
+        progress: complete(),
+        parameters: Vec::new(),
+    };
+    {
+        let (image, build, ti, pi) = (image.clone(), build.clone(), ti.clone(), pi.clone());
+        blocking(state, move |store| {
+            store.create_import(&image, &build, &ti, &pi)
+        })
+        .await?;
+    }
+    let (iid, bid, tid, pid) = (
+        image.id.to_string(),
+        build.id.to_string(),
+        ti.id.to_string(),
+        pi.id.to_string(),
+    );
+    let mut doc = Doc::new();
+    doc.open(
+        "image",
+        &[("href", &format!("{base}/images/{iid}")), ("id", &iid)],
+    )
+    .open(
+        "build",
+        &[("href", &format!("{base}/builds/{bid}")), ("id", &bid)],
+    )
+    .open("target_images", &[])
+    .open(
+        "target_image",
+        &[
+            ("href", &format!("{base}/target_images/{tid}")),
+            ("id", &tid),
+        ],
+    )
+    .text("status", "COMPLETE")
+    .text("target", &ti.target)
+    .open("provider_images", &[])
+    .open(
+        "provider_image",
+        &[
+            ("href", &format!("{base}/provider_images/{pid}")),
+            ("id", &pid),
+        ],
+    )
+    .text("status", "COMPLETE")
+    .close("provider_image")
+    .close("provider_images")
+    .close("target_image")
+    .close("target_images")
+    .close("build")
+    .close("image");
+    Ok(xml_ok(doc.finish()))
 }
 
 async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiResult {
@@ -400,6 +653,7 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
             id: ti.id,
             kind: JobKind::Build,
             attempts: 0,
+            deletion: None,
         })
         .collect();
     {

@@ -44,11 +44,14 @@ pub struct AppState {
 pub type Shared = Arc<AppState>;
 
 /// An API failure: its status, Conductor's error code, and a message for the user.
+/// Validation failures of providers, accounts and environments carry one message per
+/// problem and render as Conductor's `<errors>` document instead.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    pub problems: Vec<String>,
 }
 
 impl ApiError {
@@ -57,7 +60,24 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            problems: Vec::new(),
         }
+    }
+
+    /// 422 with `<errors><error><message>…</message></error>…</errors>`.
+    pub fn validation(problems: Vec<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "ValidationFailed",
+            message: problems.join(", "),
+            problems,
+        }
+    }
+
+    /// 409: the thing is still in use (an account with provider images, an environment
+    /// with images).
+    pub fn in_use(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "Error", message)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -88,6 +108,16 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut doc = xml::Doc::new();
+        if !self.problems.is_empty() {
+            doc.open("errors", &[]);
+            for problem in &self.problems {
+                doc.open("error", &[])
+                    .text("message", problem)
+                    .close("error");
+            }
+            doc.close("errors");
+            return (self.status, xml_headers(), doc.finish()).into_response();
+        }
         doc.open("error", &[])
             .text("code", self.code)
             .text("message", &self.message)
@@ -161,6 +191,38 @@ pub fn write_progress(doc: &mut xml::Doc, progress: &Progress) {
         .close("status_detail");
 }
 
+/// An empty reply with this status (Conductor answered deletes and membership calls so).
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// A 201 reply with an XML body.
+pub fn xml_created(body: String) -> Response {
+    (StatusCode::CREATED, xml_headers(), body).into_response()
+}
+
+/// A field of a request element given either as an attribute or as a child element:
+/// Conductor's Rails parser treated `<provider id='3'/>` and `<provider><id>3</id></provider>`
+/// alike.
+pub fn field(element: &xml::Element, name: &str) -> Option<String> {
+    element
+        .attribute(name)
+        .map(|v| v.trim().to_owned())
+        .or_else(|| element.child_text(name))
+}
+
+/// Parses a request body whose root must be `root`, or fails with a 422 saying so.
+pub fn parse_body(body: &[u8], root: &str) -> ApiResult<xml::Element> {
+    let element = xml::parse(body).map_err(|e| ApiError::validation(vec![e.0]))?;
+    if element.name != root {
+        return Err(ApiError::validation(vec![format!(
+            "the request body must be a <{root}> document, not <{}>",
+            element.name
+        )]));
+    }
+    Ok(element)
+}
+
 /// Parses an id from a path. Anything that is not a UUID is simply an id nothing has.
 pub fn parse_id(raw: &str) -> Option<uuid::Uuid> {
     uuid::Uuid::parse_str(raw).ok()
@@ -220,10 +282,50 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/api/provider_types", get(providers::list_types))
         .route("/api/provider_types/{id}", get(providers::show_type))
-        .route("/api/providers", get(providers::list))
-        .route("/api/providers/{id}", get(providers::show))
-        .route("/api/provider_accounts", get(providers::list_accounts))
-        .route("/api/provider_accounts/{id}", get(providers::show_account))
+        .route(
+            "/api/providers",
+            get(providers::list).post(providers::create),
+        )
+        .route(
+            "/api/providers/{id}",
+            get(providers::show)
+                .put(providers::update)
+                .delete(providers::delete),
+        )
+        .route(
+            "/api/providers/{id}/provider_accounts",
+            get(providers::list_accounts_of_provider).post(providers::create_account_of_provider),
+        )
+        .route(
+            "/api/provider_accounts",
+            get(providers::list_accounts).post(providers::create_account),
+        )
+        .route(
+            "/api/provider_accounts/{id}",
+            get(providers::show_account)
+                .put(providers::update_account)
+                .delete(providers::delete_account),
+        )
+        .route(
+            "/api/pool_families",
+            get(environments::list_families).post(environments::create_family),
+        )
+        .route(
+            "/api/pool_families/{id}",
+            get(environments::show_family)
+                .put(environments::update_family)
+                .delete(environments::delete_family),
+        )
+        .route(
+            "/api/pool_families/{id}/provider_accounts",
+            get(environments::list_members),
+        )
+        .route(
+            "/api/pool_families/{id}/provider_accounts/{account}",
+            get(environments::show_member)
+                .put(environments::add_member)
+                .delete(environments::remove_member),
+        )
         .route(
             "/api/{*rest}",
             get(unknown_route)

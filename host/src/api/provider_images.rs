@@ -1,7 +1,7 @@
 //! `/api/provider_images` and `/api/target_images/:ti/provider_images`: list, show,
 //! push (create) and delete (reference/conductor-api.md §7.5).
 
-use super::images::{parameters, write_content};
+use super::images::{delete_on_providers, parameters, write_content};
 use super::xml::{self, Doc};
 use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
 use crate::model::{
@@ -127,6 +127,7 @@ async fn delete_one(
     })
     .await?
     .ok_or_else(missing)?;
+    let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();
@@ -139,7 +140,7 @@ async fn delete_one(
         ],
     )
     .text("status", "DELETED");
-    write_content(&mut doc, &removed);
+    write_content(&mut doc, &removed, &outcomes);
     doc.close("provider_image");
     Ok(xml_ok(doc.finish()))
 }
@@ -310,6 +311,7 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
             id: pi.id,
             kind: JobKind::Push,
             attempts: 0,
+            deletion: None,
         })
         .collect();
     {

@@ -2,7 +2,7 @@
 //! (reference/conductor-api.md §7.4). Unlike Conductor, target images are listed and
 //! shown while they build, with their live status and progress.
 
-use super::images::{remove_files, write_content};
+use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
 use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
 use crate::model::{Id, ProviderImage, TargetImage};
@@ -174,6 +174,7 @@ async fn delete_one(
     .await?
     .ok_or_else(|| ti_not_found(raw))?;
     remove_files(state, &removed);
+    let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();
@@ -182,7 +183,7 @@ async fn delete_one(
         &[("href", &format!("{base}/target_images/{id}")), ("id", &id)],
     )
     .text("status", "DELETED");
-    write_content(&mut doc, &removed);
+    write_content(&mut doc, &removed, &outcomes);
     doc.close("target_image");
     Ok(xml_ok(doc.finish()))
 }

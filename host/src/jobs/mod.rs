@@ -5,17 +5,35 @@
 //! Never imports axum. Plugin calls block for as long as the plugin works, so they run
 //! on the blocking pool; the async side only waits for a permit.
 
-use crate::model::{self, Disk, DiskFormat, Id, Job, JobKind, ProviderImage, Status, TargetImage};
-use crate::plugins::{self, CallContext, PluginError, Plugins, Target, TemplateFacts};
+use crate::model::{
+    self, Account, Disk, DiskFormat, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
+};
+use crate::plugins::{
+    self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Target, TemplateFacts,
+};
 use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// A job interrupted this many times (the server stopped under it) is failed rather than
-/// run again, so one job that crashes the server cannot keep it crashing.
-const MAX_ATTEMPTS: u32 = 3;
+/// A job is started at most this many times: retries after a provider was unavailable
+/// and restarts after the server stopped under it both count, so neither a flaky
+/// provider nor a job that crashes the server keeps a job alive forever.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// The pause before attempt `n + 1` after an `unavailable` answer: 1 s, 2 s, 4 s, ….
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6))
+}
+
+/// Where a job stands after one attempt.
+enum Step {
+    /// Finished; `Err` carries the reason it failed.
+    Done(Result<(), String>),
+    /// Try again after the pause.
+    Retry(Duration),
+}
 /// Progress is written at most this often; the final report is always written.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -76,14 +94,15 @@ impl Jobs {
         &self.paths
     }
 
-    /// Runs a job whose row is already stored.
-    pub fn start(self: &Arc<Self>, job: Job) {
+    /// Runs a job whose row is already stored. The handle resolves when the job has
+    /// finished, with the reason if it failed.
+    pub fn start(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<Result<(), String>> {
         let jobs = self.clone();
-        tokio::spawn(async move { jobs.run(job).await });
+        tokio::spawn(async move { jobs.run(job).await })
     }
 
     /// Runs again every job the last run of the server left unfinished, counting the
-    /// attempt, and clears work directories nobody owns any more.
+    /// attempt.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
         let store = self.store.clone();
         let jobs = tokio::task::spawn_blocking(move || store.jobs())
@@ -100,31 +119,129 @@ impl Jobs {
         Ok(count)
     }
 
-    async fn run(self: Arc<Self>, mut job: Job) {
+    async fn run(self: Arc<Self>, mut job: Job) -> Result<(), String> {
         if job.kind == JobKind::Push && !self.wait_for_target_image(job.id).await {
             self.finish(job.id);
-            return;
+            return Err("the target image was not built".into());
         }
-        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-            return;
+        loop {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                return Err("the server is shutting down".into());
+            };
+            let jobs = self.clone();
+            let id = job.id;
+            let outcome = tokio::task::spawn_blocking(move || {
+                job.attempts += 1;
+                jobs.store.put_job(&job)?;
+                let step = match job.kind {
+                    JobKind::Build => jobs.build(&job),
+                    JobKind::Push => jobs.push(&job),
+                    JobKind::Delete => jobs.delete(&job),
+                }?;
+                Ok::<_, JobError>((job, step))
+            })
+            .await;
+            drop(permit);
+            match outcome {
+                Ok(Ok((back, Step::Retry(pause)))) => {
+                    job = back;
+                    tokio::time::sleep(pause).await;
+                }
+                Ok(Ok((_, Step::Done(result)))) => {
+                    self.finish(id);
+                    return result;
+                }
+                Ok(Err(e)) => {
+                    // Left in the table: the next start tries again.
+                    tracing::error!(job = %id, "job failed inside the server: {e}");
+                    return Err(e.to_string());
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, "job panicked: {e}");
+                    return Err("the job crashed inside the server".into());
+                }
+            }
+        }
+    }
+
+    /// Asks the provider's plugin whether the account's credentials work.
+    /// Blocking: it runs the plugin.
+    pub fn check_account(&self, provider: &Provider, account: &Account) -> Result<(), PluginError> {
+        let plugin = self.plugin_for(provider)?;
+        let context = self.call_context(format!("check account {}", account.label), provider.id);
+        plugin.check_account(context, &target_of(provider, account))
+    }
+
+    /// Looks an existing image up on the provider, for import. Blocking.
+    pub fn lookup(
+        &self,
+        provider: &Provider,
+        account: &Account,
+        identifier: &str,
+    ) -> Result<ImageDetails, PluginError> {
+        let plugin = self.plugin_for(provider)?;
+        let context = self.call_context(format!("lookup {identifier}"), provider.id);
+        plugin.lookup(context, &target_of(provider, account), identifier)
+    }
+
+    fn plugin_for(&self, provider: &Provider) -> Result<Arc<plugins::Plugin>, PluginError> {
+        self.plugins.get(&provider.target).ok_or_else(|| {
+            PluginError::Failed(format!(
+                "no plugin for target '{}' is loaded on this server",
+                provider.target
+            ))
+        })
+    }
+
+    fn call_context(&self, label: String, provider: u64) -> CallContext {
+        CallContext {
+            label,
+            progress: Box::new(|_, _| {}),
+            state: Some(Box::new(ProviderState {
+                store: self.store.clone(),
+                provider,
+            })),
+        }
+    }
+
+    /// Removes an image from its provider after its record was deleted.
+    fn delete(&self, job: &Job) -> Result<Step, JobError> {
+        let Some(d) = &job.deletion else {
+            return Ok(Step::Done(Ok(())));
         };
-        let jobs = self.clone();
-        let id = job.id;
-        let outcome = tokio::task::spawn_blocking(move || {
-            job.attempts += 1;
-            jobs.store.put_job(&job)?;
-            match job.kind {
-                JobKind::Build => jobs.build(&job),
-                JobKind::Push => jobs.push(&job),
+        let provider = self.store.provider(d.provider_id)?;
+        let account = self.store.account(d.account_id)?;
+        let (Some(provider), Some(account)) = (provider, account) else {
+            return Ok(Step::Done(Err(format!(
+                "{} cannot be deleted from {}: its provider or account no longer exists",
+                d.target_identifier, d.provider_name
+            ))));
+        };
+        let plugin = match self.plugin_for(&provider) {
+            Ok(plugin) => plugin,
+            Err(e) => return Ok(Step::Done(Err(e.to_string()))),
+        };
+        let context = self.call_context(format!("delete {}", d.target_identifier), provider.id);
+        let result = plugin.delete(
+            context,
+            &target_of(&provider, &account),
+            &d.target_identifier,
+        );
+        Ok(match result {
+            // Already gone is as good as deleted.
+            Ok(()) | Err(PluginError::NotFound(_)) => {
+                tracing::info!(provider = %d.provider_name, identifier = %d.target_identifier, "deleted on the provider");
+                Step::Done(Ok(()))
+            }
+            Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
+                tracing::warn!(identifier = %d.target_identifier, "provider unavailable ({reason}); will retry the delete");
+                Step::Retry(backoff(job.attempts))
+            }
+            Err(e) => {
+                tracing::error!(provider = %d.provider_name, identifier = %d.target_identifier, "could not delete on the provider: {e}");
+                Step::Done(Err(e.to_string()))
             }
         })
-        .await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(job = %id, "job failed inside the server: {e}"),
-            Err(e) => tracing::error!(job = %id, "job panicked: {e}"),
-        }
-        self.finish(id);
     }
 
     /// Removes a finished job's row. A failure here only means the job is looked at
@@ -190,21 +307,20 @@ impl Jobs {
         }
     }
 
-    fn build(&self, job: &Job) -> Result<(), JobError> {
+    fn build(&self, job: &Job) -> Result<Step, JobError> {
         let Some(ti) = self.store.target_image(job.id)? else {
-            return Ok(());
+            return Ok(Step::Done(Err("the target image was deleted".into())));
         };
         if ti.progress.status.is_terminal() {
-            return Ok(());
+            return Ok(Step::Done(Ok(())));
         }
         if job.attempts > MAX_ATTEMPTS {
-            self.store.update_target_image(ti.id, |ti| {
-                fail(
-                    &mut ti.progress,
-                    format!("the server stopped during this build {MAX_ATTEMPTS} times; giving up"),
-                )
-            })?;
-            return Ok(());
+            let reason = format!(
+                "gave up after {MAX_ATTEMPTS} attempts (the server stopped during the build or the provider stayed unavailable)"
+            );
+            self.store
+                .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
+            return Ok(Step::Done(Err(reason)));
         }
         let work = self.paths.work_dir(ti.id);
         let result = self.build_in(&ti, job, &work);
@@ -213,9 +329,9 @@ impl Jobs {
         result
     }
 
-    fn build_in(&self, ti: &TargetImage, job: &Job, work: &Path) -> Result<(), JobError> {
+    fn build_in(&self, ti: &TargetImage, job: &Job, work: &Path) -> Result<Step, JobError> {
         let retry_note = if job.attempts > 1 {
-            format!(" (attempt {} after a server restart)", job.attempts)
+            format!(" (attempt {} of {MAX_ATTEMPTS})", job.attempts)
         } else {
             String::new()
         };
@@ -226,25 +342,20 @@ impl Jobs {
             ti.progress.activity = format!("preparing the base disk{retry_note}");
         })?;
 
+        let failed = |reason: String| -> Result<Step, JobError> {
+            self.store
+                .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
+            Ok(Step::Done(Err(reason)))
+        };
         let facts = match self.template_for(ti)? {
             Ok(facts) => facts,
-            Err(reason) => {
-                self.store
-                    .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason))?;
-                return Ok(());
-            }
+            Err(reason) => return failed(reason),
         };
         let Some(plugin) = self.plugins.get(&ti.target) else {
-            self.store.update_target_image(ti.id, |ti| {
-                fail(
-                    &mut ti.progress,
-                    format!(
-                        "no plugin for target '{}' is loaded on this server",
-                        ti.target
-                    ),
-                )
-            })?;
-            return Ok(());
+            return failed(format!(
+                "no plugin for target '{}' is loaded on this server",
+                ti.target
+            ));
         };
 
         let _ = std::fs::remove_dir_all(work);
@@ -255,42 +366,49 @@ impl Jobs {
         plugins::create_blank(&base, facts.disk_size)
             .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?;
 
-        let context = self.progress_context(ti.id, JobKind::Build);
+        let mut context = self.progress_context(ti.id, JobKind::Build);
+        context.state = None;
         let started = Instant::now();
         let result = plugin.build(context, &facts, &base, &output, &ti.parameters);
         tracing::info!(job = %ti.id, target = %ti.target, elapsed = ?started.elapsed(), ok = result.is_ok(), "build finished");
 
-        match result {
-            Ok(built) => {
-                let final_path = self.paths.image_file(ti.id, built.format);
-                let size = std::fs::metadata(&output)
-                    .map_err(|e| JobError::Io(format!("reading the built image: {e}")))?
-                    .len();
-                std::fs::rename(&output, &final_path)
-                    .map_err(|e| JobError::Io(format!("storing the built image: {e}")))?;
-                let blank_note = facts_note(&facts);
-                let updated = self.store.update_target_image(ti.id, |ti| {
-                    ti.progress.status = Status::Complete;
-                    ti.progress.percent = 100;
-                    ti.progress.activity =
-                        format!("built a {} image{blank_note}", built.format.as_str());
-                    ti.disk = Some(Disk {
-                        format: built.format,
-                        size,
-                        virtual_size: built.virtual_size,
-                    });
+        let built = match result {
+            Ok(built) => built,
+            Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
+                let pause = backoff(job.attempts);
+                self.store.update_target_image(ti.id, |ti| {
+                    ti.progress.activity = format!(
+                        "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
+                        pause.as_secs(),
+                        job.attempts
+                    );
                 })?;
-                if updated.is_none() {
-                    // Deleted while it was being built: the image has no owner.
-                    let _ = std::fs::remove_file(&final_path);
-                }
+                return Ok(Step::Retry(pause));
             }
-            Err(e) => {
-                self.store
-                    .update_target_image(ti.id, |ti| fail(&mut ti.progress, describe(&e)))?;
-            }
+            Err(e) => return failed(describe(&e)),
+        };
+        let final_path = self.paths.image_file(ti.id, built.format);
+        let size = std::fs::metadata(&output)
+            .map_err(|e| JobError::Io(format!("reading the built image: {e}")))?
+            .len();
+        std::fs::rename(&output, &final_path)
+            .map_err(|e| JobError::Io(format!("storing the built image: {e}")))?;
+        let blank_note = facts_note(&facts);
+        let updated = self.store.update_target_image(ti.id, |ti| {
+            ti.progress.status = Status::Complete;
+            ti.progress.percent = 100;
+            ti.progress.activity = format!("built a {} image{blank_note}", built.format.as_str());
+            ti.disk = Some(Disk {
+                format: built.format,
+                size,
+                virtual_size: built.virtual_size,
+            });
+        })?;
+        if updated.is_none() {
+            // Deleted while it was being built: the image has no owner.
+            let _ = std::fs::remove_file(&final_path);
         }
-        Ok(())
+        Ok(Step::Done(Ok(())))
     }
 
     /// The template facts for a target image's build, or why there are none.
@@ -319,48 +437,68 @@ impl Jobs {
         })
     }
 
-    fn push(&self, job: &Job) -> Result<(), JobError> {
+    fn push(&self, job: &Job) -> Result<Step, JobError> {
         let Some(pi) = self.store.provider_image(job.id)? else {
-            return Ok(());
+            return Ok(Step::Done(Err("the provider image was deleted".into())));
         };
         if pi.progress.status.is_terminal() {
-            return Ok(());
+            return Ok(Step::Done(Ok(())));
         }
+        let failed = |reason: String| -> Result<Step, JobError> {
+            self.store
+                .update_provider_image(pi.id, |pi| fail(&mut pi.progress, reason.clone()))?;
+            Ok(Step::Done(Err(reason)))
+        };
         if job.attempts > MAX_ATTEMPTS {
-            self.store.update_provider_image(pi.id, |pi| {
-                fail(
-                    &mut pi.progress,
-                    format!("the server stopped during this push {MAX_ATTEMPTS} times; giving up"),
-                )
-            })?;
-            return Ok(());
+            return failed(format!(
+                "gave up after {MAX_ATTEMPTS} attempts (the server stopped during the push or the provider stayed unavailable)"
+            ));
         }
-        match self.push_target(&pi)? {
-            Ok((target, plugin, image, name)) => {
+        let (target, provider_id, plugin, image, name) = match self.push_target(&pi)? {
+            Ok(found) => found,
+            Err(reason) => return failed(reason),
+        };
+        self.store.update_provider_image(pi.id, |pi| {
+            pi.progress.status = Status::Pushing;
+            pi.progress.percent = 0;
+            pi.progress.error.clear();
+            pi.progress.activity = format!("pushing to {}", pi.provider_name);
+        })?;
+        let mut context = self.progress_context(pi.id, JobKind::Push);
+        context.state = Some(Box::new(ProviderState {
+            store: self.store.clone(),
+            provider: provider_id,
+        }));
+        let identifier = match plugin.push(context, &target, &image, &name, &pi.parameters) {
+            Ok(identifier) => identifier,
+            Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
+                let pause = backoff(job.attempts);
                 self.store.update_provider_image(pi.id, |pi| {
-                    pi.progress.status = Status::Pushing;
-                    pi.progress.percent = 0;
-                    pi.progress.error.clear();
-                    pi.progress.activity = format!("pushing to {}", pi.provider_name);
+                    pi.progress.activity = format!(
+                        "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
+                        pause.as_secs(),
+                        job.attempts
+                    );
                 })?;
-                let context = self.progress_context(pi.id, JobKind::Push);
-                let result = plugin.push(context, &target, &image, &name, &pi.parameters);
-                self.store.update_provider_image(pi.id, |pi| match result {
-                    Ok(identifier) => {
-                        pi.progress.status = Status::Complete;
-                        pi.progress.percent = 100;
-                        pi.progress.activity = format!("pushed as {identifier}");
-                        pi.target_identifier = identifier;
-                    }
-                    Err(e) => fail(&mut pi.progress, describe(&e)),
-                })?;
+                return Ok(Step::Retry(pause));
             }
-            Err(reason) => {
-                self.store
-                    .update_provider_image(pi.id, |pi| fail(&mut pi.progress, reason))?;
+            Err(e) => return failed(describe(&e)),
+        };
+        let updated = self.store.update_provider_image(pi.id, |pi| {
+            pi.progress.status = Status::Complete;
+            pi.progress.percent = 100;
+            pi.progress.activity = format!("pushed as {identifier}");
+            pi.target_identifier = identifier.clone();
+        })?;
+        if updated.is_none() {
+            // Deleted while it was pushed: remove what the push made, so the cloud is not
+            // left with an image nobody knows about.
+            let context = self.call_context(format!("delete {identifier}"), provider_id);
+            if let Err(e) = plugin.delete(context, &target, &identifier) {
+                tracing::error!(%identifier, "could not remove an image pushed for a deleted record: {e}");
             }
         }
-        Ok(())
+        Ok(Step::Done(Ok(())))
     }
 
     /// Everything a push needs: where to, with which plugin, which file, under what name.
@@ -371,7 +509,8 @@ impl Jobs {
     fn push_target(
         &self,
         pi: &ProviderImage,
-    ) -> Result<Result<(Target, Arc<plugins::Plugin>, PathBuf, String), String>, StoreError> {
+    ) -> Result<Result<(Target, u64, Arc<plugins::Plugin>, PathBuf, String), String>, StoreError>
+    {
         let Some(ti) = self.store.target_image(pi.target_image_id)? else {
             return Ok(Err("its target image was deleted".into()));
         };
@@ -403,14 +542,9 @@ impl Jobs {
             },
             None => pi.id.to_string(),
         };
-        let target = Target {
-            provider_name: provider.name,
-            settings: provider.settings,
-            account_name: account.label,
-            credentials: account.credentials,
-        };
         Ok(Ok((
-            target,
+            target_of(&provider, &account),
+            provider.id,
             plugin,
             self.paths.image_file(ti.id, disk.format),
             name,
@@ -437,7 +571,7 @@ impl Jobs {
                         }
                     })
                     .map(|_| ()),
-                JobKind::Push => store
+                JobKind::Push | JobKind::Delete => store
                     .update_provider_image(id, |pi| {
                         if !pi.progress.status.is_terminal() {
                             pi.progress.percent = percent;
@@ -453,7 +587,49 @@ impl Jobs {
         CallContext {
             label: id.to_string(),
             progress,
+            state: None,
         }
+    }
+}
+
+fn target_of(provider: &Provider, account: &Account) -> Target {
+    Target {
+        provider_name: provider.name.clone(),
+        settings: provider.settings.clone(),
+        account_name: account.label.clone(),
+        credentials: account.credentials.clone(),
+    }
+}
+
+/// A provider's plugin state, kept in redb.
+struct ProviderState {
+    store: Arc<Store>,
+    provider: u64,
+}
+
+impl StateStore for ProviderState {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.store
+            .plugin_state_get(self.provider, key)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, String> {
+        self.store
+            .plugin_state_set(self.provider, key, value, max_keys)
+            .map_err(|e| e.to_string())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), String> {
+        self.store
+            .plugin_state_delete(self.provider, key)
+            .map_err(|e| e.to_string())
+    }
+
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+        self.store
+            .plugin_state_keys(self.provider, prefix, limit)
+            .map_err(|e| e.to_string())
     }
 }
 

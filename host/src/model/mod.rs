@@ -188,6 +188,10 @@ pub struct Account {
     pub credentials: Vec<(String, String)>,
     /// The environments this account may be used in.
     pub environments: Vec<u64>,
+    /// Conductor's account priority (-100 to 100), kept and shown.
+    pub priority: Option<i64>,
+    /// Conductor's quota of running instances; `None` is unlimited. Kept and shown.
+    pub max_running_instances: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +210,18 @@ pub struct Job {
     pub kind: JobKind,
     /// How many times the job has been started, this run included.
     pub attempts: u32,
+    /// For a provider-side delete: what to delete, since its record is already gone.
+    pub deletion: Option<Deletion>,
+}
+
+/// An image to remove from a provider after its record was deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    pub provider_id: u64,
+    pub account_id: u64,
+    pub provider_name: String,
+    pub account_label: String,
+    pub target_identifier: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +230,25 @@ pub enum JobKind {
     Build,
     /// Push the provider image with this id.
     Push,
+    /// Remove an image from a provider (the job's `deletion`).
+    Delete,
+}
+
+/// Names of environments, providers and accounts: Conductor's `^[\w -]*$`, 1 to 100
+/// characters. `None` when acceptable, else the problem.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("can't be blank")
+    } else if name.chars().count() > 100 {
+        Some("is too long (maximum is 100 characters)")
+    } else if !name
+        .chars()
+        .all(|c| c.is_alphanumeric() || c == '_' || c == ' ' || c == '-')
+    {
+        Some("is invalid (letters, digits, spaces, '-' and '_' only)")
+    } else {
+        None
+    }
 }
 
 /// Splits a comma-separated list the way users mean it: items trimmed, empty items

@@ -147,11 +147,39 @@ pub struct BuildOutput {
 /// Receives a plugin's progress reports: percent and a one-line activity.
 pub type ProgressSink = Box<dyn FnMut(u8, &str) + Send>;
 
+/// The per-provider key-value store a plugin may keep (WIT `state-*`), supplied by
+/// the caller so that this module stays free of storage.
+pub trait StateStore: Send {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    /// `Ok(false)` when the provider holds too many keys already.
+    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, String>;
+    fn delete(&self, key: &str) -> Result<(), String>;
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String>;
+}
+
+const STATE_MAX_KEY: usize = 256;
+const STATE_MAX_VALUE: usize = 64 << 10;
+const STATE_MAX_KEYS: usize = 10_000;
+const STATE_MAX_LISTED: usize = 1_000;
+
 /// What one call needs besides its arguments.
 pub struct CallContext {
     /// Names the job in the log lines the plugin writes.
     pub label: String,
     pub progress: ProgressSink,
+    /// The provider's state; `None` during a build.
+    pub state: Option<Box<dyn StateStore>>,
+}
+
+impl CallContext {
+    /// A context that reports nowhere and has no state: for calls nobody watches.
+    pub fn quiet(label: impl Into<String>) -> CallContext {
+        CallContext {
+            label: label.into(),
+            progress: Box::new(|_, _| {}),
+            state: None,
+        }
+    }
 }
 
 /// Per-call store data: the WASI context (no files, no environment, no network) and the
@@ -198,6 +226,64 @@ impl wit_host::Host for State {
             wit_host::Level::Error => tracing::error!(job, "plugin: {message}"),
         }
         Ok(())
+    }
+
+    fn state_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        if key.len() > STATE_MAX_KEY {
+            return Ok(None);
+        }
+        Ok(self.with_state(None, |s| s.get(&key)))
+    }
+
+    fn state_set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), wit::Error>> {
+        if key.len() > STATE_MAX_KEY || value.len() > STATE_MAX_VALUE {
+            return Ok(Err(wit::Error::InvalidInput(format!(
+                "state keys are at most {STATE_MAX_KEY} bytes and values at most {STATE_MAX_VALUE} bytes"
+            ))));
+        }
+        if self.context.state.is_none() {
+            return Ok(Err(wit::Error::InvalidInput(
+                "there is no provider state during a build".into(),
+            )));
+        }
+        let stored = self.with_state(false, |s| s.set(&key, &value, STATE_MAX_KEYS));
+        Ok(if stored {
+            Ok(())
+        } else {
+            Err(wit::Error::Failed(format!(
+                "the provider's state is full ({STATE_MAX_KEYS} keys) or could not be written"
+            )))
+        })
+    }
+
+    fn state_delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.with_state((), |s| s.delete(&key));
+        Ok(())
+    }
+
+    fn state_keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
+        Ok(self.with_state(Vec::new(), |s| s.keys(&prefix, STATE_MAX_LISTED)))
+    }
+}
+
+impl State {
+    /// Runs `f` on the state store, logging (not trapping on) storage failures: a
+    /// plugin sees a missing value or a failed write, never a host crash.
+    fn with_state<T>(&self, default: T, f: impl FnOnce(&dyn StateStore) -> Result<T, String>) -> T {
+        match &self.context.state {
+            Some(state) => match f(state.as_ref()) {
+                Ok(value) => value,
+                Err(e) => {
+                    tracing::error!(job = %self.context.label, "plugin state: {e}");
+                    default
+                }
+            },
+            None => default,
+        }
     }
 }
 
@@ -446,6 +532,53 @@ impl Plugin {
     }
 }
 
+/// What `lookup` found on the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDetails {
+    pub target_identifier: String,
+    pub name: String,
+    pub arch: String,
+}
+
+impl Plugin {
+    /// Removes an image from the provider.
+    pub fn delete(
+        &self,
+        context: CallContext,
+        target: &Target,
+        identifier: &str,
+    ) -> Result<(), PluginError> {
+        let (mut store, instance) = self.instantiate(context)?;
+        let (provider, account) = wit_target(target);
+        instance
+            .conductor_provider_provider()
+            .call_delete(&mut store, &provider, &account, identifier)
+            .map_err(|e| self.trap(e))?
+            .map_err(PluginError::from)
+    }
+
+    /// Finds an existing image on the provider.
+    pub fn lookup(
+        &self,
+        context: CallContext,
+        target: &Target,
+        identifier: &str,
+    ) -> Result<ImageDetails, PluginError> {
+        let (mut store, instance) = self.instantiate(context)?;
+        let (provider, account) = wit_target(target);
+        let details = instance
+            .conductor_provider_provider()
+            .call_lookup(&mut store, &provider, &account, identifier)
+            .map_err(|e| self.trap(e))?
+            .map_err(PluginError::from)?;
+        Ok(ImageDetails {
+            target_identifier: details.target_identifier,
+            name: details.name,
+            arch: details.arch,
+        })
+    }
+}
+
 fn wit_target(target: &Target) -> (wit::Provider, wit::Account) {
     (
         wit::Provider {
@@ -546,10 +679,7 @@ impl Plugins {
                 ..self.limits.clone()
             },
         };
-        let context = CallContext {
-            label: format!("load {source_name}"),
-            progress: Box::new(|_, _| {}),
-        };
+        let context = CallContext::quiet(format!("load {source_name}"));
         let (mut store, instance) = plugin.instantiate(context).map_err(|e| LoadError::Info {
             source_name: source_name.to_owned(),
             reason: e.to_string(),

@@ -7,7 +7,8 @@
 mod tables;
 
 use crate::model::{
-    Account, Build, Environment, Id, Image, Job, Provider, ProviderImage, TargetImage, User,
+    Account, Build, Deletion, Environment, Id, Image, Job, JobKind, Provider, ProviderImage,
+    TargetImage, User,
 };
 use redb::{Database, Key, ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
@@ -126,6 +127,9 @@ fn put<'k, K: Key + 'static, T: Serialize>(
 pub struct Removed {
     pub target_images: Vec<TargetImage>,
     pub provider_images: Vec<ProviderImage>,
+    /// Jobs, stored in the same transaction, that remove the deleted provider images from
+    /// their providers; one per provider image that had been pushed.
+    pub deletions: Vec<Job>,
 }
 
 pub struct Store {
@@ -161,6 +165,7 @@ impl Store {
             txn.open_table(BUILDS_BY_IMAGE)?;
             txn.open_table(TARGET_IMAGES_BY_BUILD)?;
             txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+            txn.open_table(PLUGIN_STATE)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -203,6 +208,40 @@ impl Store {
         Ok(env)
     }
 
+    pub fn put_environment(&self, env: &Environment) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(ENVIRONMENTS)?, env.id, env)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes an environment that holds no images, and drops it from every account.
+    /// `Ok(false)` when it still holds images.
+    pub fn delete_environment(&self, id: u64) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let has_images = txn
+            .open_table(IMAGES_BY_ENVIRONMENT)?
+            .range((id, 0u128)..=(id, u128::MAX))?
+            .next()
+            .is_some();
+        if has_images {
+            return Ok(false);
+        }
+        txn.open_table(ENVIRONMENTS)?.remove(id)?;
+        {
+            let mut table = txn.open_table(ACCOUNTS)?;
+            let accounts: Vec<Account> = all(&table, "accounts")?;
+            for mut account in accounts {
+                if account.environments.contains(&id) {
+                    account.environments.retain(|e| *e != id);
+                    put(&mut table, account.id, &account)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
     pub fn user(&self, name: &str) -> Result<Option<User>> {
         let txn = self.db.begin_read()?;
         get(&txn.open_table(USERS)?, "users", name)
@@ -232,6 +271,120 @@ impl Store {
         put(&mut txn.open_table(PROVIDERS)?, provider.id, &provider)?;
         txn.commit()?;
         Ok(provider)
+    }
+
+    pub fn put_provider(&self, provider: &Provider) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(PROVIDERS)?, provider.id, provider)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a provider, its accounts and its plugin state.
+    pub fn delete_provider(&self, id: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(PROVIDERS)?.remove(id)?;
+        {
+            let mut table = txn.open_table(ACCOUNTS)?;
+            let accounts: Vec<Account> = all(&table, "accounts")?;
+            for account in accounts.iter().filter(|a| a.provider_id == id) {
+                table.remove(account.id)?;
+            }
+        }
+        {
+            let mut state = txn.open_table(PLUGIN_STATE)?;
+            let keys: Vec<String> = state
+                .range((id, "")..)?
+                .map_while(|entry| match entry {
+                    Ok((key, _)) if key.value().0 == id => Some(Ok(key.value().1.to_owned())),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            for key in keys {
+                state.remove((id, key.as_str()))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn put_account(&self, account: &Account) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(ACCOUNTS)?, account.id, account)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn delete_account(&self, id: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(ACCOUNTS)?.remove(id)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    // ---- plugin state ----
+
+    pub fn plugin_state_get(&self, provider: u64, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PLUGIN_STATE)?;
+        Ok(table.get((provider, key))?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a key, unless the provider already holds `max_keys` other keys.
+    /// `Ok(false)` when refused for that reason.
+    pub fn plugin_state_set(
+        &self,
+        provider: u64,
+        key: &str,
+        value: &[u8],
+        max_keys: usize,
+    ) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PLUGIN_STATE)?;
+            if table.get((provider, key))?.is_none() {
+                let count = table
+                    .range((provider, "")..)?
+                    .take_while(|e| e.as_ref().is_ok_and(|(k, _)| k.value().0 == provider))
+                    .take(max_keys)
+                    .count();
+                if count >= max_keys {
+                    return Ok(false);
+                }
+            }
+            table.insert((provider, key), value)?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
+    pub fn plugin_state_delete(&self, provider: u64, key: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(PLUGIN_STATE)?.remove((provider, key))?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Keys of a provider's state that start with `prefix`, at most `limit` of them.
+    pub fn plugin_state_keys(
+        &self,
+        provider: u64,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PLUGIN_STATE)?;
+        let mut keys = Vec::new();
+        for entry in table.range((provider, prefix)..)? {
+            let (key, _) = entry?;
+            let (p, k) = key.value();
+            if p != provider || !k.starts_with(prefix) || keys.len() >= limit {
+                break;
+            }
+            keys.push(k.to_owned());
+        }
+        Ok(keys)
     }
 
     pub fn accounts(&self) -> Result<Vec<Account>> {
@@ -368,6 +521,18 @@ impl Store {
         jobs: &[Job],
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        Self::create_build_in(&txn, new_image, build, target_images)?;
+        Self::put_jobs(&txn, jobs)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn create_build_in(
+        txn: &WriteTransaction,
+        new_image: Option<&Image>,
+        build: &Build,
+        target_images: &[TargetImage],
+    ) -> Result<()> {
         if let Some(image) = new_image {
             put(&mut txn.open_table(IMAGES)?, image.id.as_u128(), image)?;
             txn.open_table(IMAGES_BY_ENVIRONMENT)?
@@ -376,31 +541,46 @@ impl Store {
         put(&mut txn.open_table(BUILDS)?, build.id.as_u128(), build)?;
         txn.open_table(BUILDS_BY_IMAGE)?
             .insert((build.image_id.as_u128(), build.id.as_u128()), ())?;
-        {
-            let mut table = txn.open_table(TARGET_IMAGES)?;
-            let mut index = txn.open_table(TARGET_IMAGES_BY_BUILD)?;
-            for ti in target_images {
-                put(&mut table, ti.id.as_u128(), ti)?;
-                index.insert((ti.build_id.as_u128(), ti.id.as_u128()), ())?;
-            }
+        let mut table = txn.open_table(TARGET_IMAGES)?;
+        let mut index = txn.open_table(TARGET_IMAGES_BY_BUILD)?;
+        for ti in target_images {
+            put(&mut table, ti.id.as_u128(), ti)?;
+            index.insert((ti.build_id.as_u128(), ti.id.as_u128()), ())?;
         }
-        Self::put_jobs(&txn, jobs)?;
-        txn.commit()?;
         Ok(())
     }
 
     /// Stores a push request at once: its provider images and their jobs.
     pub fn create_push(&self, provider_images: &[ProviderImage], jobs: &[Job]) -> Result<()> {
         let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(PROVIDER_IMAGES)?;
-            let mut index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
-            for pi in provider_images {
-                put(&mut table, pi.id.as_u128(), pi)?;
-                index.insert((pi.target_image_id.as_u128(), pi.id.as_u128()), ())?;
-            }
-        }
+        Self::create_push_in(&txn, provider_images)?;
         Self::put_jobs(&txn, jobs)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn create_push_in(txn: &WriteTransaction, provider_images: &[ProviderImage]) -> Result<()> {
+        let mut table = txn.open_table(PROVIDER_IMAGES)?;
+        let mut index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+        for pi in provider_images {
+            put(&mut table, pi.id.as_u128(), pi)?;
+            index.insert((pi.target_image_id.as_u128(), pi.id.as_u128()), ())?;
+        }
+        Ok(())
+    }
+
+    /// Stores an imported image in one transaction: image, build, target image and
+    /// provider image, all finished.
+    pub fn create_import(
+        &self,
+        image: &Image,
+        build: &Build,
+        target_image: &TargetImage,
+        provider_image: &ProviderImage,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        Self::create_build_in(&txn, Some(image), build, std::slice::from_ref(target_image))?;
+        Self::create_push_in(&txn, std::slice::from_ref(provider_image))?;
         txn.commit()?;
         Ok(())
     }
@@ -591,6 +771,22 @@ impl Store {
         if let Some(row) = row {
             txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?
                 .remove((row.target_image_id.as_u128(), id))?;
+            if !row.target_identifier.is_empty() {
+                let job = Job {
+                    id: crate::model::new_id(),
+                    kind: JobKind::Delete,
+                    attempts: 0,
+                    deletion: Some(Deletion {
+                        provider_id: row.provider_id,
+                        account_id: row.account_id,
+                        provider_name: row.provider_name.clone(),
+                        account_label: row.account_label.clone(),
+                        target_identifier: row.target_identifier.clone(),
+                    }),
+                };
+                put(&mut txn.open_table(JOBS)?, job.id.as_u128(), &job)?;
+                removed.deletions.push(job);
+            }
             removed.provider_images.push(row);
         }
         Ok(())

@@ -28,3 +28,8 @@ pub const TARGET_IMAGES_BY_BUILD: TableDefinition<(u128, u128), ()> =
     TableDefinition::new("target-images-by-build-v1");
 pub const PROVIDER_IMAGES_BY_TARGET_IMAGE: TableDefinition<(u128, u128), ()> =
     TableDefinition::new("provider-images-by-target-image-v1");
+
+/// Plugins' own records, per provider: (provider id, key) → value. What a plugin keeps
+/// between calls (the mock provider's list of images it holds).
+pub const PLUGIN_STATE: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("plugin-state-v1");

@@ -10,6 +10,10 @@
 //!   so a test can watch a job while it runs or stop the server under it.
 //!
 //! An account whose `password` is `invalid` is refused by `check-account`.
+//!
+//! The images a provider "holds" are kept in the host's per-provider state under
+//! `image/<identifier>`, so `delete` really removes them and `lookup` (import) finds only
+//! images that exist.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -149,7 +153,7 @@ impl Guest for Mock {
             .map(|(_, value)| value.as_str());
         match password {
             Some("invalid") => Err(Error::BadCredentials(
-                "Login credentials are invalid for this Provider.".into(),
+                "the mock provider refuses the password 'invalid'".into(),
             )),
             _ => Ok(()),
         }
@@ -187,19 +191,22 @@ impl Guest for Mock {
         host::progress(0, "uploading to the mock provider");
         injected_failure(&parameters, "push")?;
         copy_extents(image, None, &parameters, "uploaded")?;
-        host::progress(100, "push complete");
-        Ok(format!(
+        let identifier = format!(
             "Mock_{}_{}",
             provider.name,
             stable_uuid(&[&provider.name, &account.name, &name])
-        ))
+        );
+        host::state_set(&format!("image/{identifier}"), name.as_bytes())?;
+        host::progress(100, "push complete");
+        Ok(identifier)
     }
 
     fn delete(
         _provider: Provider,
         _account: Account,
-        _target_identifier: String,
+        target_identifier: String,
     ) -> Result<(), Error> {
+        host::state_delete(&format!("image/{target_identifier}"));
         Ok(())
     }
 
@@ -208,17 +215,16 @@ impl Guest for Mock {
         _account: Account,
         target_identifier: String,
     ) -> Result<ImageDetails, Error> {
-        if target_identifier.starts_with(&format!("Mock_{}_", provider.name)) {
-            Ok(ImageDetails {
-                name: target_identifier.clone(),
+        match host::state_get(&format!("image/{target_identifier}")) {
+            Some(name) => Ok(ImageDetails {
+                name: String::from_utf8_lossy(&name).into_owned(),
                 target_identifier,
                 arch: "x86_64".into(),
-            })
-        } else {
-            Err(Error::NotFound(format!(
+            }),
+            None => Err(Error::NotFound(format!(
                 "no mock image {target_identifier} on provider {}",
                 provider.name
-            )))
+            ))),
         }
     }
 }
