@@ -13,7 +13,7 @@ pub const TEST_PLUGINS: &str = env!("CONDUCTOR_TEST_PLUGINS");
 pub struct Server {
     child: Child,
     pub url: String,
-
+    password: String,
     client: reqwest::Client,
 }
 
@@ -63,11 +63,16 @@ impl Server {
     }
 
     pub fn start_with(data: &Path, args: &[&str]) -> Server {
+        Server::start_as(data, args, PASSWORD)
+    }
+
+    /// Starts a server whose bootstrap admin has this password.
+    pub fn start_as(data: &Path, args: &[&str], password: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(args)
-            .env("CONDUCTOR_ADMIN_PASSWORD", PASSWORD)
+            .env("CONDUCTOR_ADMIN_PASSWORD", password)
             .env("CONDUCTOR_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -88,7 +93,7 @@ impl Server {
         Server {
             child,
             url,
-
+            password: password.to_owned(),
             client: reqwest::Client::new(),
         }
     }
@@ -117,7 +122,7 @@ impl Server {
     pub async fn get(&self, path: &str) -> Reply {
         self.send(
             self.request(reqwest::Method::GET, path)
-                .basic_auth("admin", Some(PASSWORD))
+                .basic_auth("admin", Some(&self.password))
                 .header("Accept", "application/xml"),
         )
         .await
@@ -126,7 +131,7 @@ impl Server {
     pub async fn post(&self, path: &str, body: &str) -> Reply {
         self.send(
             self.request(reqwest::Method::POST, path)
-                .basic_auth("admin", Some(PASSWORD))
+                .basic_auth("admin", Some(&self.password))
                 .header("Content-Type", "application/xml")
                 .body(body.to_owned()),
         )
@@ -136,7 +141,7 @@ impl Server {
     pub async fn delete(&self, path: &str) -> Reply {
         self.send(
             self.request(reqwest::Method::DELETE, path)
-                .basic_auth("admin", Some(PASSWORD)),
+                .basic_auth("admin", Some(&self.password)),
         )
         .await
     }

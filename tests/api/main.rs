@@ -2,6 +2,7 @@
 //! temporary data directory and speaks HTTP to it.
 
 mod builds;
+mod cli;
 mod errors;
 mod harness;
 mod providers;

@@ -74,7 +74,7 @@ async fn providers_are_created_validated_updated_and_deleted() {
         ),
         (
             "<provider><name>x</name><provider_type id='mock'/><settings><setting name='region'>r</setting></settings></provider>",
-            vec!["Setting region is not used by provider type mock (it uses: )"],
+            vec!["Setting region is not used by provider type mock (it uses: images)"],
         ),
         (
             "<provider></provider>",

@@ -9,7 +9,9 @@
 //! - `delay_ms=N` spreads the call over about N milliseconds in ten progress steps,
 //!   so a test can watch a job while it runs or stop the server under it.
 //!
-//! An account whose `password` is `invalid` is refused by `check-account`.
+//! An account whose `password` is `invalid` is refused by `check-account`. A provider's
+//! `images` setting (comma-separated identifiers) names images it holds from the start,
+//! so an import can be tried without pushing first.
 //!
 //! The images a provider "holds" are kept in the host's per-provider state under
 //! `image/<identifier>`, so `delete` really removes them and `lookup` (import) finds only
@@ -139,7 +141,7 @@ impl Guest for Mock {
                     input_type: "password".into(),
                 },
             ],
-            settings: Vec::new(),
+            settings: vec!["images".into()],
             format: DiskFormat::Raw,
             hosts: Vec::new(),
         }
@@ -215,7 +217,15 @@ impl Guest for Mock {
         _account: Account,
         target_identifier: String,
     ) -> Result<ImageDetails, Error> {
-        match host::state_get(&format!("image/{target_identifier}")) {
+        let preloaded = provider
+            .settings
+            .iter()
+            .filter(|(key, _)| key == "images")
+            .flat_map(|(_, list)| list.split(','))
+            .any(|id| id.trim() == target_identifier);
+        let held = host::state_get(&format!("image/{target_identifier}"))
+            .or_else(|| preloaded.then(|| target_identifier.clone().into_bytes()));
+        match held {
             Some(name) => Ok(ImageDetails {
                 name: String::from_utf8_lossy(&name).into_owned(),
                 target_identifier,
