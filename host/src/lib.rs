@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blobs;
 pub mod jobs;
 pub mod model;
 pub mod plugins;

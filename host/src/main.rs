@@ -31,6 +31,9 @@ enum Command {
         /// The server's public URL, used for hrefs when it sits behind a proxy.
         #[arg(long, env = "CONDUCTOR_EXTERNAL_URL")]
         external_url: Option<String>,
+        /// A folder from which builds may take base images given as file:// URLs.
+        #[arg(long, env = "CONDUCTOR_IMPORT_DIR")]
+        import_dir: Option<PathBuf>,
         /// How many builds and pushes run at once.
         #[arg(long, env = "CONDUCTOR_WORKERS", default_value_t = 4)]
         workers: usize,
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             data,
             plugins,
             external_url,
+            import_dir,
             workers,
         } => {
             conductor::server::serve(conductor::server::Config {
@@ -60,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
                 data,
                 plugins,
                 external_url,
+                import_dir,
                 workers,
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
             })

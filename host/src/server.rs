@@ -3,6 +3,7 @@
 
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
+use crate::blobs::Blobs;
 use crate::jobs::{Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
 use crate::plugins::{Limits, Plugins};
@@ -19,6 +20,8 @@ pub struct Config {
     /// A folder of extra `*.wasm` plugins, loaded after (and overriding) the bundled ones.
     pub plugins: Option<PathBuf>,
     pub external_url: Option<String>,
+    /// Where `file://` base images may be read from; none when unset.
+    pub import_dir: Option<PathBuf>,
     /// How many builds and pushes run at once.
     pub workers: usize,
     /// The bootstrap admin's password on first start; generated and printed when unset.
@@ -51,12 +54,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+    let blobs = Arc::new(Blobs::open(&config.data).context("opening the blob store")?);
     let jobs = Arc::new(Jobs::new(
         store.clone(),
         plugins.clone(),
+        blobs,
         paths,
+        config.import_dir.clone(),
         config.workers,
     ));
+    // Blobs of records deleted while the server was down, or of builds that finished
+    // after their record was deleted.
+    let collected = {
+        let jobs = jobs.clone();
+        tokio::task::spawn_blocking(move || jobs.collect_blobs()).await??
+    };
+    if collected > 0 {
+        tracing::info!(collected, "removed unreferenced blobs");
+    }
     let resumed = jobs.recover().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resumed jobs interrupted by the last stop");
@@ -68,6 +83,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         auth: Arc::new(Authenticator::new(store)),
         jobs,
         external_url: config.external_url.clone(),
+        import_dir: config.import_dir.clone(),
     });
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

@@ -191,13 +191,14 @@ impl Drop for Server {
     }
 }
 
-/// A TDL template with this name, as aeolus-cli's example has it.
+/// A TDL template with this name, as aeolus-cli's example has it, with a 64 MiB disk:
+/// small, so that hashing the built image costs the tests little.
 pub fn template(name: &str) -> String {
     format!(
         "<template><name>{name}</name><description>a test image</description>\
          <os><name>Fedora</name><version>14</version><arch>x86_64</arch><rootpw>password</rootpw>\
          <install type='url'><url>http://download.fedoraproject.org/pub/fedora/linux/releases/14/Fedora/x86_64/os/</url></install></os>\
-         </template>"
+         <disk><size>64MiB</size></disk></template>"
     )
 }
 

@@ -3,6 +3,7 @@
 
 mod builds;
 mod cli;
+mod disks;
 mod errors;
 mod harness;
 mod providers;

@@ -105,7 +105,7 @@ async fn delete_one(
     })
     .await?
     .ok_or_else(|| build_not_found(raw))?;
-    remove_files(state, &removed);
+    remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();

@@ -4,8 +4,8 @@
 use super::xml::{self, Doc, Element};
 use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
 use crate::model::{
-    self, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind, Progress, TargetImage,
-    split_list,
+    self, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind, Progress,
+    TargetImage, split_list,
 };
 use crate::store::Removed;
 use axum::body::Bytes;
@@ -207,17 +207,16 @@ pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[Outcom
     doc.close("content");
 }
 
-/// Removes the image files of deleted target images.
-pub(super) fn remove_files(state: &Shared, removed: &Removed) {
-    for ti in &removed.target_images {
-        if let Some(disk) = &ti.disk {
-            let path = state.jobs.paths().image_file(ti.id, disk.format);
-            if let Err(e) = std::fs::remove_file(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!("could not remove {}: {e}", path.display());
-            }
-        }
+/// Removes the blobs that deleted target images leave unreferenced.
+pub(super) async fn remove_files(state: &Shared, removed: &Removed) {
+    if removed.target_images.iter().all(|ti| ti.disk.is_none()) {
+        return;
+    }
+    let jobs = state.jobs.clone();
+    match tokio::task::spawn_blocking(move || jobs.collect_blobs()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("{e}"),
     }
 }
 
@@ -243,7 +242,7 @@ async fn delete_one(
     })
     .await?
     .ok_or_else(|| image_not_found(&raw))?;
-    remove_files(state, &removed);
+    remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let id = id.to_string();
     let mut doc = Doc::new();
@@ -486,6 +485,7 @@ async fn import(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRe
         target: provider.target.clone(),
         progress: complete(),
         parameters: Vec::new(),
+        base_image: None,
         disk: None,
     };
     let pi = crate::model::ProviderImage {
@@ -563,6 +563,15 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
         .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
     let targets = split_list(&request.child_text("targets").unwrap_or_default());
     let parameters = parameters(request)?;
+    let base_image = request
+        .child_text("base_image")
+        .filter(|u| !u.is_empty())
+        .map(|url| -> ApiResult<BaseImage> {
+            crate::blobs::check_base_url(&url, state.import_dir.as_deref())
+                .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
+            Ok(BaseImage { url, sha256: None })
+        })
+        .transpose()?;
 
     let plugins = state.plugins.clone();
     let (environment, accounts, providers) = {
@@ -644,6 +653,7 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
             target: target.clone(),
             progress: Progress::new(),
             parameters: parameters.clone(),
+            base_image: base_image.clone(),
             disk: None,
         })
         .collect();

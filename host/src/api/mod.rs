@@ -39,6 +39,8 @@ pub struct AppState {
     /// The public URL of the server (`https://host/conductor`), for hrefs behind a proxy;
     /// without it hrefs are built from the request's Host header.
     pub external_url: Option<String>,
+    /// Where `file://` base images may be read from.
+    pub import_dir: Option<std::path::PathBuf>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -253,6 +255,7 @@ pub fn router(state: Shared) -> Router {
             "/api/target_images/{id}",
             get(target_images::show).delete(target_images::delete),
         )
+        .route("/api/target_images/{id}/data", get(target_images::data))
         .route(
             "/api/target_images/{ti}/provider_images",
             get(provider_images::list_of_target_image).post(provider_images::create),

@@ -51,10 +51,25 @@ fn write_target_image(doc: &mut Doc, base: &str, row: &Row) {
     .text("status", ti.progress.status.as_str());
     write_progress(doc, &ti.progress);
     doc.text("target", &ti.target);
+    if let Some(base) = &ti.base_image {
+        doc.text_with(
+            "base_image",
+            &[("sha256", base.sha256.as_deref().unwrap_or(""))],
+            &base.url,
+        );
+    }
     if let Some(disk) = &ti.disk {
-        doc.text("format", disk.format.as_str())
-            .text("size", &disk.size.to_string())
-            .text("virtual_size", &disk.virtual_size.to_string());
+        let id = ti.id.to_string();
+        doc.empty(
+            "data",
+            &[
+                ("href", &format!("{base}/target_images/{id}/data")),
+                ("sha256", &disk.sha256),
+            ],
+        )
+        .text("format", disk.format.as_str())
+        .text("size", &disk.size.to_string())
+        .text("virtual_size", &disk.virtual_size.to_string());
     }
     doc.open("provider_images", &[]);
     for pi in &row.provider_images {
@@ -173,7 +188,7 @@ async fn delete_one(
     })
     .await?
     .ok_or_else(|| ti_not_found(raw))?;
-    remove_files(state, &removed);
+    remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();
@@ -203,4 +218,129 @@ pub async fn delete_of_build(
 ) -> ApiResult {
     let parent = parse_id(&build).unwrap_or(Id::nil());
     delete_one(&state, &headers, &id, Some(parent)).await
+}
+
+/// A `Range: bytes=…` header resolved against a body of `size` bytes: one range only,
+/// as `start-end`, `start-` or `-suffix`. `Err(())` when it cannot be satisfied.
+fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        // Several ranges would need a multipart reply; the whole body is sent instead.
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let range = match (start.trim(), end.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            if n == 0 || size == 0 {
+                return Some(Err(()));
+            }
+            (size.saturating_sub(n), size - 1)
+        }
+        (start, "") => (start.parse().ok()?, size.saturating_sub(1)),
+        (start, end) => {
+            let (s, e): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+            if e < s {
+                return None;
+            }
+            (s, e.min(size.saturating_sub(1)))
+        }
+    };
+    if range.0 >= size {
+        return Some(Err(()));
+    }
+    Some(Ok(range))
+}
+
+/// `GET /api/target_images/:id/data`: the built image, with `Range` support so large
+/// downloads can resume. 404 until the build is complete.
+pub async fn data(
+    State(state): State<Shared>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    use axum::body::Body;
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+    let missing = || ti_not_found(&raw);
+    let id = parse_id(&raw).ok_or_else(missing)?;
+    let ti = blocking(&state, move |store| store.target_image(id))
+        .await?
+        .ok_or_else(missing)?;
+    let disk = ti.disk.ok_or_else(|| {
+        ApiError::not_found(
+            "TargetImageNotBuilt",
+            format!(
+                "TargetImage {raw} has no image yet: it is {}",
+                ti.progress.status.as_str()
+            ),
+        )
+    })?;
+    let path = state.jobs.blobs().path(&disk.sha256);
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+    let size = disk.size;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| byte_range(v, size));
+    let (status, start, length) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(Ok((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(Err(())) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response());
+        }
+    };
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(ApiError::internal)?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file.take(length),
+        1 << 20,
+    ));
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, length.into());
+    headers.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    if let Ok(etag) = header::HeaderValue::from_str(&format!("\"{}\"", disk.sha256)) {
+        headers.insert(header::ETAG, etag);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(value) =
+            header::HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + length - 1))
+    {
+        headers.insert(header::CONTENT_RANGE, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn ranges_resolve_like_rfc_9110_says() {
+        assert_eq!(byte_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(byte_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(byte_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(byte_range("bytes=50-500", 100), Some(Ok((50, 99))));
+        assert_eq!(byte_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(byte_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(byte_range("items=0-1", 100), None);
+        assert_eq!(byte_range("bytes=9-1", 100), None);
+    }
 }

@@ -5,8 +5,9 @@
 //! Never imports axum. Plugin calls block for as long as the plugin works, so they run
 //! on the blocking pool; the async side only waits for a permit.
 
+use crate::blobs::{self, Blobs};
 use crate::model::{
-    self, Account, Disk, DiskFormat, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
+    self, Account, Disk, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
 };
 use crate::plugins::{
     self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Target, TemplateFacts,
@@ -38,34 +39,27 @@ enum Step {
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
-enum JobError {
+pub enum JobError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Io(String),
 }
 
-/// Where image files live: `<data>/images/<target image id>.<format>`, with work in
-/// progress under `<data>/work/<job id>/`, so a half-written image never has a final name.
+/// Where work in progress lives: `<data>/work/<job id>/`. Finished images go to the
+/// blob store, so a half-written image never has a final name.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    pub images: PathBuf,
     pub work: PathBuf,
 }
 
 impl Paths {
     pub fn new(data: &Path) -> std::io::Result<Paths> {
         let paths = Paths {
-            images: data.join("images"),
             work: data.join("work"),
         };
-        std::fs::create_dir_all(&paths.images)?;
         std::fs::create_dir_all(&paths.work)?;
         Ok(paths)
-    }
-
-    pub fn image_file(&self, id: Id, format: DiskFormat) -> PathBuf {
-        self.images.join(format!("{id}.{}", format.as_str()))
     }
 
     fn work_dir(&self, id: Id) -> PathBuf {
@@ -76,22 +70,47 @@ impl Paths {
 pub struct Jobs {
     store: Arc<Store>,
     plugins: Arc<Plugins>,
+    blobs: Arc<Blobs>,
     paths: Paths,
+    /// Where `file://` base images may come from.
+    import_dir: Option<PathBuf>,
     permits: Arc<Semaphore>,
 }
 
 impl Jobs {
-    pub fn new(store: Arc<Store>, plugins: Arc<Plugins>, paths: Paths, workers: usize) -> Jobs {
+    pub fn new(
+        store: Arc<Store>,
+        plugins: Arc<Plugins>,
+        blobs: Arc<Blobs>,
+        paths: Paths,
+        import_dir: Option<PathBuf>,
+        workers: usize,
+    ) -> Jobs {
         Jobs {
             store,
             plugins,
+            blobs,
             paths,
+            import_dir,
             permits: Arc::new(Semaphore::new(workers.max(1))),
         }
     }
 
-    pub fn paths(&self) -> &Paths {
-        &self.paths
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// Removes every blob no target image references. Blocking.
+    pub fn collect_blobs(&self) -> Result<usize, JobError> {
+        let referenced = self
+            .store
+            .target_images(None)?
+            .into_iter()
+            .filter_map(|ti| ti.disk.map(|d| d.sha256))
+            .collect();
+        self.blobs
+            .collect(&referenced)
+            .map_err(|e| JobError::Io(format!("collecting unreferenced blobs: {e}")))
     }
 
     /// Runs a job whose row is already stored. The handle resolves when the job has
@@ -363,8 +382,55 @@ impl Jobs {
             .map_err(|e| JobError::Io(format!("{}: {e}", work.display())))?;
         let base = work.join("base.raw");
         let output = work.join("output");
-        plugins::create_blank(&base, facts.disk_size)
-            .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?;
+        let mut facts = facts;
+        match &ti.base_image {
+            Some(base_image) => {
+                let store = self.store.clone();
+                let id = ti.id;
+                let mut last = Instant::now();
+                let mut progress = |done: u64, total: Option<u64>| {
+                    if last.elapsed() < PROGRESS_EVERY {
+                        return;
+                    }
+                    last = Instant::now();
+                    let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+                    let _ = store.update_target_image(id, |ti| {
+                        ti.progress.activity = format!("fetching the base image: {done}{of} bytes");
+                    });
+                };
+                let fetched = blobs::fetch_base(
+                    &base_image.url,
+                    self.import_dir.as_deref(),
+                    &base,
+                    &mut progress,
+                );
+                match fetched {
+                    Ok((sha256, size)) => {
+                        facts.disk_size = size;
+                        self.store.update_target_image(ti.id, |ti| {
+                            if let Some(b) = ti.base_image.as_mut() {
+                                b.sha256 = Some(sha256.clone());
+                            }
+                            ti.progress.activity = "building from the base image".into();
+                        })?;
+                    }
+                    // A network failure is worth another try; anything else is final.
+                    Err(reason)
+                        if base_image.url.starts_with("http") && job.attempts < MAX_ATTEMPTS =>
+                    {
+                        let pause = backoff(job.attempts);
+                        self.store.update_target_image(ti.id, |ti| {
+                            ti.progress.activity =
+                                format!("{reason}; retrying in {} s", pause.as_secs());
+                        })?;
+                        return Ok(Step::Retry(pause));
+                    }
+                    Err(reason) => return failed(reason),
+                }
+            }
+            None => plugins::create_blank(&base, facts.disk_size)
+                .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?,
+        }
 
         let mut context = self.progress_context(ti.id, JobKind::Build);
         context.state = None;
@@ -387,27 +453,33 @@ impl Jobs {
             }
             Err(e) => return failed(describe(&e)),
         };
-        let final_path = self.paths.image_file(ti.id, built.format);
-        let size = std::fs::metadata(&output)
-            .map_err(|e| JobError::Io(format!("reading the built image: {e}")))?
-            .len();
-        std::fs::rename(&output, &final_path)
+        self.store.update_target_image(ti.id, |ti| {
+            ti.progress.activity = "storing the image".into();
+        })?;
+        // Held until the record names the blob, so collection cannot take it first.
+        let _hold = self.blobs.hold();
+        let blob = self
+            .blobs
+            .ingest(&output)
             .map_err(|e| JobError::Io(format!("storing the built image: {e}")))?;
-        let blank_note = facts_note(&facts);
-        let updated = self.store.update_target_image(ti.id, |ti| {
+        let blank_note = if ti.base_image.is_some() {
+            String::new()
+        } else {
+            facts_note(&facts)
+        };
+        self.store.update_target_image(ti.id, |ti| {
             ti.progress.status = Status::Complete;
             ti.progress.percent = 100;
             ti.progress.activity = format!("built a {} image{blank_note}", built.format.as_str());
             ti.disk = Some(Disk {
+                sha256: blob.sha256.clone(),
                 format: built.format,
-                size,
+                size: blob.size,
                 virtual_size: built.virtual_size,
             });
         })?;
-        if updated.is_none() {
-            // Deleted while it was being built: the image has no owner.
-            let _ = std::fs::remove_file(&final_path);
-        }
+        // A target image deleted while it was built leaves its blob unreferenced; the
+        // next collection removes it.
         Ok(Step::Done(Ok(())))
     }
 
@@ -546,7 +618,7 @@ impl Jobs {
             target_of(&provider, &account),
             provider.id,
             plugin,
-            self.paths.image_file(ti.id, disk.format),
+            self.blobs.path(&disk.sha256),
             name,
         )))
     }

@@ -140,13 +140,27 @@ pub struct TargetImage {
     pub progress: Progress,
     /// Extra name/value pairs for the plugin's `build`, from the request.
     pub parameters: Vec<(String, String)>,
+    /// The disk image the build starts from, when the request named one; otherwise the
+    /// base disk is blank.
+    pub base_image: Option<BaseImage>,
     /// Set when the build completes.
     pub disk: Option<Disk>,
+}
+
+/// A disk image a build request names as its starting point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseImage {
+    /// `file:///…` inside the server's import directory, or `http(s)://…`.
+    pub url: String,
+    /// SHA-256 of the bytes fetched, once fetched.
+    pub sha256: Option<String>,
 }
 
 /// The disk image a finished build produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disk {
+    /// The blob holding the image: its SHA-256, hex.
+    pub sha256: String,
     pub format: DiskFormat,
     /// Size of the image file in bytes.
     pub size: u64,

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// Reads are capped so a plugin cannot make the host allocate without bound in one call.
@@ -57,42 +56,8 @@ impl DiskReader {
     /// The allocated runs of the file, found with SEEK_DATA/SEEK_HOLE. On a filesystem
     /// without hole support the whole file is one run, which is still correct.
     pub fn extents(&self) -> io::Result<Vec<(u64, u64)>> {
-        allocated_extents(&self.file, self.size)
+        crate::blobs::allocated_extents(&self.file, self.size)
     }
-}
-
-/// SEEK_DATA / SEEK_HOLE walk over the file's first `size` bytes.
-pub fn allocated_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut extents = Vec::new();
-    let mut offset: u64 = 0;
-    while offset < size {
-        // SAFETY: lseek on a descriptor we own has no memory-safety preconditions.
-        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                // ENXIO: no data after `offset`, the rest is a hole.
-                Some(libc::ENXIO) => Ok(extents),
-                // EINVAL: the filesystem has no SEEK_DATA; treat everything as data.
-                Some(libc::EINVAL) => Ok(vec![(0, size)]),
-                _ => Err(err),
-            };
-        }
-        let data = data as u64;
-        if data >= size {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(size);
-        extents.push((data, hole - data));
-        offset = hole;
-    }
-    Ok(extents)
 }
 
 impl DiskWriter {

@@ -7,7 +7,9 @@
 //!   that names the parameter, so a test can check `status_detail/error`;
 //! - `fail=trap` makes the call panic, which the host sees as a trap;
 //! - `delay_ms=N` spreads the call over about N milliseconds in ten progress steps,
-//!   so a test can watch a job while it runs or stop the server under it.
+//!   so a test can watch a job while it runs or stop the server under it;
+//! - `format=raw|qcow2|vmdk` picks the format `build` writes (raw by default), so the
+//!   tests can check every writer of `plugins/sdk`.
 //!
 //! An account whose `password` is `invalid` is refused by `check-account`. A provider's
 //! `images` setting (comma-separated identifiers) names images it holds from the start,
@@ -27,6 +29,7 @@ use conductor::provider::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
+use conductor_plugin_sdk as sdk;
 use exports::conductor::provider::provider::Guest;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -63,18 +66,16 @@ fn pause(parameters: &[(String, String)]) {
     }
 }
 
-/// Copies every allocated extent of `from` into `to`, reporting progress between
-/// `start` and `end` percent. Holes are skipped: they read as zeros on both sides.
-fn copy_extents(
+/// Reads every allocated extent of `from`, as an upload would, reporting progress up to
+/// 90 %. Holes are skipped: a provider would see zeros there anyway.
+fn read_extents(
     from: &DiskReader,
-    to: Option<&DiskWriter>,
     parameters: &[(String, String)],
     verb: &str,
 ) -> Result<u64, Error> {
     let extents = from.extents()?;
     let total: u64 = extents.iter().map(|e| e.length).sum();
     let mut done = 0u64;
-    let mut step = 0u64;
     for extent in &extents {
         let mut offset = extent.offset;
         let end = extent.offset + extent.length;
@@ -84,22 +85,69 @@ fn copy_extents(
             if bytes.is_empty() {
                 break;
             }
-            if let Some(to) = to {
-                to.write(offset, &bytes)?;
-            }
             offset += bytes.len() as u64;
             done += bytes.len() as u64;
             let percent = (done * 90 / total.max(1)) as u8;
             host::progress(percent, &format!("{verb} {done} of {total} bytes"));
         }
     }
-    // Ten paced steps, so `delay_ms` is visible as moving progress.
-    while step < 10 {
-        pause(parameters);
-        step += 1;
-        host::progress(90 + step as u8, &format!("{verb}: finishing"));
-    }
+    finish_steps(parameters, verb);
     Ok(done)
+}
+
+/// Ten paced steps from 90 %, so `delay_ms` is visible as moving progress.
+fn finish_steps(parameters: &[(String, String)], verb: &str) {
+    for step in 1..=10u8 {
+        pause(parameters);
+        host::progress(90 + step - 1, &format!("{verb}: finishing"));
+    }
+}
+
+/// The host's disk reader as the SDK's source.
+struct HostSource<'a>(&'a DiskReader);
+
+impl sdk::Source for HostSource<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn extents(&self) -> Result<Vec<(u64, u64)>, sdk::Error> {
+        self.0
+            .extents()
+            .map(|runs| runs.iter().map(|e| (e.offset, e.length)).collect())
+            .map_err(|e| sdk::Error(describe(&e)))
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, sdk::Error> {
+        self.0
+            .read(offset, len)
+            .map_err(|e| sdk::Error(describe(&e)))
+    }
+}
+
+/// The host's disk writer as the SDK's sink.
+struct HostSink<'a>(&'a DiskWriter);
+
+impl sdk::Sink for HostSink<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), sdk::Error> {
+        self.0
+            .write(offset, data)
+            .map_err(|e| sdk::Error(describe(&e)))
+    }
+
+    fn set_size(&mut self, size: u64) -> Result<(), sdk::Error> {
+        self.0.set_size(size).map_err(|e| sdk::Error(describe(&e)))
+    }
+}
+
+fn describe(error: &Error) -> String {
+    match error {
+        Error::InvalidInput(m)
+        | Error::BadCredentials(m)
+        | Error::NotFound(m)
+        | Error::Unavailable(m)
+        | Error::Failed(m) => m.clone(),
+    }
 }
 
 /// A UUID-shaped identifier derived from the inputs, so the same push always yields the
@@ -171,15 +219,37 @@ impl Guest for Mock {
             Level::Info,
             &format!("building '{}' for mock", template.name),
         );
-        host::progress(0, "copying the base disk");
         injected_failure(&parameters, "build")?;
-        let size = base.size();
-        output.set_size(size)?;
-        copy_extents(base, Some(output), &parameters, "copied")?;
+        let (format, wit_format) = match param(&parameters, "format").unwrap_or("raw") {
+            "raw" => (sdk::Format::Raw, DiskFormat::Raw),
+            "qcow2" => (sdk::Format::Qcow2, DiskFormat::Qcow2),
+            "vmdk" => (sdk::Format::Vmdk, DiskFormat::Vmdk),
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "format={other} is not one of raw, qcow2, vmdk"
+                )));
+            }
+        };
+        host::progress(0, "writing the image from the base disk");
+        let mut last = 0u8;
+        sdk::write_image(
+            format,
+            &HostSource(base),
+            &mut HostSink(output),
+            &mut |done, total| {
+                let percent = (done * 90 / total.max(1)) as u8;
+                if percent != last {
+                    last = percent;
+                    host::progress(percent, &format!("written {done} of {total} bytes"));
+                }
+            },
+        )
+        .map_err(|e| Error::Failed(format!("writing the {wit_format:?} image: {e}")))?;
+        finish_steps(&parameters, "written");
         host::progress(100, "build complete");
         Ok(BuildOutput {
-            format: DiskFormat::Raw,
-            virtual_size: size,
+            format: wit_format,
+            virtual_size: base.size(),
         })
     }
 
@@ -192,7 +262,7 @@ impl Guest for Mock {
     ) -> Result<String, Error> {
         host::progress(0, "uploading to the mock provider");
         injected_failure(&parameters, "push")?;
-        copy_extents(image, None, &parameters, "uploaded")?;
+        read_extents(image, &parameters, "uploaded")?;
         let identifier = format!(
             "Mock_{}_{}",
             provider.name,

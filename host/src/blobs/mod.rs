@@ -1,0 +1,344 @@
+//! Image bodies on disk: a content-addressed store (`blobs/<sha256>`), written by
+//! renaming a finished, synced file into place so a crash never leaves a half-written
+//! body under a final name; collection of blobs no record references; and fetching the
+//! base image a build starts from (a file in the import directory or an http(s) URL,
+//! raw or qcow2) into a sparse raw disk.
+//!
+//! Never imports axum or wasmtime. Everything here blocks on disk or network, so async
+//! callers use the blocking pool.
+
+mod qcow2;
+
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
+
+/// Reads and hashes are done in chunks of this size.
+const CHUNK: usize = 4 << 20;
+
+/// A stored image body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub sha256: String,
+    pub size: u64,
+}
+
+pub struct Blobs {
+    root: PathBuf,
+    /// Held for reading from the moment a blob is stored until the record naming it is
+    /// written, and for writing by collection, so a new blob is never collected in between.
+    gate: RwLock<()>,
+}
+
+impl Blobs {
+    /// Opens the store under `data/blobs`.
+    pub fn open(data: &Path) -> io::Result<Blobs> {
+        let root = data.join("blobs");
+        std::fs::create_dir_all(&root)?;
+        Ok(Blobs {
+            root,
+            gate: RwLock::new(()),
+        })
+    }
+
+    pub fn path(&self, sha256: &str) -> PathBuf {
+        self.root.join(sha256)
+    }
+
+    /// Keeps collection away until the guard is dropped.
+    pub fn hold(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Moves a finished, synced file into the store under its SHA-256 and returns the
+    /// blob. If the same content is already stored, the file is removed instead: bodies
+    /// are stored once. Call with [`Blobs::hold`] held until the record is written.
+    pub fn ingest(&self, file: &Path) -> io::Result<Blob> {
+        let (sha256, size) = hash_file(file)?;
+        let target = self.path(&sha256);
+        if target.exists() {
+            std::fs::remove_file(file)?;
+        } else {
+            std::fs::rename(file, &target)?;
+            // The rename is only durable once the directory is.
+            File::open(&self.root)?.sync_all()?;
+        }
+        Ok(Blob { sha256, size })
+    }
+
+    /// Removes every blob not in `referenced`; returns how many were removed.
+    pub fn collect(&self, referenced: &HashSet<String>) -> io::Result<usize> {
+        let _exclusive = self
+            .gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !referenced.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// SEEK_DATA / SEEK_HOLE walk over the file's first `size` bytes.
+pub fn allocated_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut offset: u64 = 0;
+    while offset < size {
+        // SAFETY: lseek on a descriptor we own has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // ENXIO: no data after `offset`, the rest is a hole.
+                Some(libc::ENXIO) => Ok(extents),
+                // EINVAL: the filesystem has no SEEK_DATA; treat everything as data.
+                Some(libc::EINVAL) => Ok(vec![(0, size)]),
+                _ => Err(err),
+            };
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(size);
+        extents.push((data, hole - data));
+        offset = hole;
+    }
+    Ok(extents)
+}
+
+/// SHA-256 and length of a file. Holes are hashed from a zero buffer rather than read.
+pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let extents = allocated_extents(&file, size)?;
+    let zeros = vec![0u8; CHUNK];
+    let mut buffer = vec![0u8; CHUNK];
+    let mut hasher = Sha256::new();
+    let mut position = 0u64;
+    let hash_zeros = |hasher: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let take = n.min(CHUNK as u64) as usize;
+            hasher.update(&zeros[..take]);
+            n -= take as u64;
+        }
+    };
+    for (offset, length) in extents {
+        hash_zeros(&mut hasher, offset - position);
+        std::io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
+        let mut left = length;
+        while left > 0 {
+            let take = left.min(CHUNK as u64) as usize;
+            file.read_exact(&mut buffer[..take])?;
+            hasher.update(&buffer[..take]);
+            left -= take as u64;
+        }
+        position = offset + length;
+    }
+    hash_zeros(&mut hasher, size - position);
+    Ok((hex(&hasher.finalize()), size))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks a base image URL when the build is requested, so a bad one is refused at
+/// once: `file://` paths must lie inside the import directory, other schemes must be
+/// http or https.
+pub fn check_base_url(url: &str, import_dir: Option<&Path>) -> Result<(), String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        local_path(path, import_dir).map(|_| ())
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "base image {url}: only file:// (inside the import directory), http:// and https:// URLs are accepted"
+        ))
+    }
+}
+
+fn local_path(path: &str, import_dir: Option<&Path>) -> Result<PathBuf, String> {
+    let Some(dir) = import_dir else {
+        return Err(
+            "base images from file:// URLs need the server's --import-dir to be set".into(),
+        );
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("the import directory {}: {e}", dir.display()))?;
+    let file = Path::new(path)
+        .canonicalize()
+        .map_err(|e| format!("base image {path}: {e}"))?;
+    if !file.starts_with(&dir) {
+        return Err(format!(
+            "base image {path} is outside the import directory {}",
+            dir.display()
+        ));
+    }
+    Ok(file)
+}
+
+/// Fetches the base image at `url` into `dest` as a sparse raw disk. `progress(done,
+/// total)` follows the download. Returns the SHA-256 of the bytes fetched (the image as
+/// given, before any conversion) and the disk's size.
+pub fn fetch_base(
+    url: &str,
+    import_dir: Option<&Path>,
+    dest: &Path,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<(String, u64), String> {
+    let fetched = dest.with_extension("fetched");
+    let sha256 = if let Some(path) = url.strip_prefix("file://") {
+        let source = local_path(path, import_dir)?;
+        let (sha256, _) = hash_file(&source).map_err(|e| format!("reading {path}: {e}"))?;
+        copy_sparse(&source, &fetched).map_err(|e| format!("copying {path}: {e}"))?;
+        sha256
+    } else {
+        download(url, &fetched, progress)?
+    };
+    let size = to_raw(&fetched, dest)?;
+    let _ = std::fs::remove_file(&fetched);
+    Ok((sha256, size))
+}
+
+/// Turns a fetched image into a raw disk at `dest`: qcow2 is converted, anything else is
+/// taken as raw.
+fn to_raw(fetched: &Path, dest: &Path) -> Result<u64, String> {
+    let mut magic = [0u8; 4];
+    let is_qcow2 = File::open(fetched)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == qcow2::MAGIC;
+    if is_qcow2 {
+        qcow2::convert_to_raw(fetched, dest)
+            .map_err(|e| format!("reading the qcow2 base image: {e}"))
+    } else {
+        std::fs::rename(fetched, dest).map_err(|e| format!("storing the base image: {e}"))?;
+        std::fs::metadata(dest)
+            .map(|m| m.len())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Copies only the allocated extents, so a sparse source stays sparse.
+fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let source = File::open(from)?;
+    let size = source.metadata()?.len();
+    let dest = File::create(to)?;
+    dest.set_len(size)?;
+    let mut buffer = vec![0u8; CHUNK];
+    for (offset, length) in allocated_extents(&source, size)? {
+        let mut done = 0;
+        while done < length {
+            let take = (length - done).min(CHUNK as u64) as usize;
+            source.read_exact_at(&mut buffer[..take], offset + done)?;
+            dest.write_all_at(&buffer[..take], offset + done)?;
+            done += take as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Downloads `url` to `to`, hashing as it goes.
+fn download(
+    url: &str,
+    to: &Path,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let mut response = reqwest::get(url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("fetching the base image {url}: {e}"))?;
+        let total = response.content_length();
+        let mut file = File::create(to).map_err(|e| e.to_string())?;
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("fetching the base image {url}: {e}"))?
+        {
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| e.to_string())?;
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        if total.is_some_and(|t| t != done) {
+            return Err(format!(
+                "fetching the base image {url}: the download ended early"
+            ));
+        }
+        file.sync_all().map_err(|e| e.to_string())?;
+        Ok(hex(&hasher.finalize()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_match_sha256_of_the_bytes_and_ingest_stores_once() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a");
+        let file = File::create(&path)?;
+        file.set_len(3 << 20)?;
+        std::os::unix::fs::FileExt::write_all_at(&file, b"abc", 1 << 20)?;
+        let mut all = vec![0u8; 3 << 20];
+        all[1 << 20..(1 << 20) + 3].copy_from_slice(b"abc");
+        let expected = hex(&Sha256::digest(&all));
+        assert_eq!(hash_file(&path)?, (expected.clone(), 3 << 20));
+
+        let blobs = Blobs::open(dir.path())?;
+        let blob = blobs.ingest(&path)?;
+        assert_eq!(blob.sha256, expected);
+        assert!(blobs.path(&expected).exists() && !path.exists());
+        // The same content again is stored once.
+        std::fs::copy(blobs.path(&expected), &path)?;
+        assert_eq!(blobs.ingest(&path)?.sha256, expected);
+        assert!(!path.exists());
+        assert_eq!(blobs.collect(&HashSet::from([expected.clone()]))?, 0);
+        assert_eq!(blobs.collect(&HashSet::new())?, 1);
+        assert!(!blobs.path(&expected).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn file_urls_must_stay_inside_the_import_directory() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let inside = dir.path().join("ok.raw");
+        File::create(&inside)?;
+        let url = format!("file://{}", inside.display());
+        assert!(check_base_url(&url, Some(dir.path())).is_ok());
+        assert!(check_base_url(&url, None).is_err());
+        let escape = format!("file://{}/../etc/passwd", dir.path().display());
+        assert!(check_base_url(&escape, Some(dir.path())).is_err());
+        assert!(check_base_url("ftp://x/y", Some(dir.path())).is_err());
+        Ok(())
+    }
+}
