@@ -8,5 +8,6 @@ mod errors;
 mod harness;
 mod providers;
 mod pushes;
+mod replay;
 mod restart;
 mod routes;
