@@ -20,3 +20,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --locked
+# The plugin SDK's format writers, natively, judged by qemu-img.
+cargo test --locked -p conductor-plugin-sdk

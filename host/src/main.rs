@@ -37,6 +37,13 @@ enum Command {
         /// How many builds and pushes run at once.
         #[arg(long, env = "CONDUCTOR_WORKERS", default_value_t = 4)]
         workers: usize,
+        /// How many builds (and, separately, pushes) for one target run at once; 0 for no
+        /// limit beyond --workers.
+        #[arg(long, env = "CONDUCTOR_MAX_PER_TARGET", default_value_t = 0)]
+        max_per_target: usize,
+        /// How many jobs of one environment run at once; 0 for no limit beyond --workers.
+        #[arg(long, env = "CONDUCTOR_MAX_PER_ENVIRONMENT", default_value_t = 0)]
+        max_per_environment: usize,
     },
 }
 
@@ -58,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
             external_url,
             import_dir,
             workers,
+            max_per_target,
+            max_per_environment,
         } => {
             conductor::server::serve(conductor::server::Config {
                 listen,
@@ -65,7 +74,11 @@ async fn main() -> anyhow::Result<()> {
                 plugins,
                 external_url,
                 import_dir,
-                workers,
+                concurrency: conductor::jobs::Concurrency {
+                    workers,
+                    per_target: max_per_target,
+                    per_environment: max_per_environment,
+                },
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
             })
             .await

@@ -4,7 +4,7 @@
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::blobs::Blobs;
-use crate::jobs::{Jobs, Paths};
+use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
 use crate::plugins::{Limits, Plugins};
 use crate::store::Store;
@@ -22,8 +22,8 @@ pub struct Config {
     pub external_url: Option<String>,
     /// Where `file://` base images may be read from; none when unset.
     pub import_dir: Option<PathBuf>,
-    /// How many builds and pushes run at once.
-    pub workers: usize,
+    /// How many builds and pushes run at once: in all, per target, per environment.
+    pub concurrency: Concurrency,
     /// The bootstrap admin's password on first start; generated and printed when unset.
     pub admin_password: Option<String>,
 }
@@ -36,7 +36,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the database in {}", config.data.display()))?,
     );
 
-    let plugins = Arc::new(Plugins::new(Limits::default())?);
+    let plugins = Arc::new(Plugins::new(
+        Limits::default(),
+        Some(config.data.join("plugin-cache")),
+        config.plugins.clone(),
+    )?);
     plugins.load_bundled()?;
     if let Some(dir) = &config.plugins {
         let failures = plugins.load_dir(dir)?;
@@ -61,7 +65,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         blobs,
         paths,
         config.import_dir.clone(),
-        config.workers,
+        config.concurrency,
     ));
     // Blobs of records deleted while the server was down, or of builds that finished
     // after their record was deleted.
@@ -81,7 +85,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         plugins,
         auth: Arc::new(Authenticator::new(store)),
-        jobs,
+        jobs: jobs.clone(),
         external_url: config.external_url.clone(),
         import_dir: config.import_dir.clone(),
     });
@@ -89,12 +93,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let address = listener.local_addr()?;
+    // Webhook documents carry hrefs too; without a request, they use the public URL or
+    // the address the server listens on.
+    let hook_base = match &config.external_url {
+        Some(url) => format!("{}/api", url.trim_end_matches('/')),
+        None => format!("http://{address}/api"),
+    };
+    api::hooks::spawn_dispatcher(state.clone(), hook_base);
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("conductor listening on http://{address}");
     tracing::info!(%address, "serving the API");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Running plugin calls are interrupted; their jobs stay stored and resume at the
+    // next start. redb commits every change, so nothing else needs flushing.
+    jobs.shutdown(std::time::Duration::from_secs(30)).await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod cli;
 mod disks;
 mod errors;
 mod harness;
+mod jobs;
 mod providers;
 mod pushes;
 mod replay;

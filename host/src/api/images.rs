@@ -207,8 +207,15 @@ pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[Outcom
     doc.close("content");
 }
 
-/// Removes the blobs that deleted target images leave unreferenced.
+/// Stops the running jobs of deleted records, then removes the blobs that deleted
+/// target images leave unreferenced.
 pub(super) async fn remove_files(state: &Shared, removed: &Removed) {
+    for ti in &removed.target_images {
+        state.jobs.cancel(ti.id);
+    }
+    for pi in &removed.provider_images {
+        state.jobs.cancel(pi.id);
+    }
     if removed.target_images.iter().all(|ti| ti.disk.is_none()) {
         return;
     }
@@ -680,6 +687,9 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
     }
     for job in jobs {
         state.jobs.start(job);
+    }
+    for ti in &target_images {
+        state.jobs.announce(crate::jobs::Change::TargetImage(ti.id));
     }
 
     let iid = image.id.to_string();

@@ -7,6 +7,7 @@
 
 mod builds;
 mod environments;
+pub mod hooks;
 mod images;
 mod provider_images;
 mod providers;
@@ -24,7 +25,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use std::sync::Arc;
 
 /// Largest request body accepted; templates and push requests are a few KiB.
@@ -256,6 +257,17 @@ pub fn router(state: Shared) -> Router {
             get(target_images::show).delete(target_images::delete),
         )
         .route("/api/target_images/{id}/data", get(target_images::data))
+        .route(
+            "/api/target_images/{id}/cancel",
+            post(target_images::cancel),
+        )
+        .route(
+            "/api/provider_images/{id}/cancel",
+            post(provider_images::cancel),
+        )
+        .route("/api/provider_types/rescan", post(providers::rescan))
+        .route("/api/hooks", get(hooks::list).post(hooks::create))
+        .route("/api/hooks/{id}", get(hooks::show).delete(hooks::delete))
         .route(
             "/api/target_images/{ti}/provider_images",
             get(provider_images::list_of_target_image).post(provider_images::create),

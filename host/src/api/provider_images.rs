@@ -127,6 +127,7 @@ async fn delete_one(
     })
     .await?
     .ok_or_else(missing)?;
+    state.jobs.cancel(id);
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
     let id = id.to_string();
@@ -321,6 +322,11 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
     for job in jobs {
         state.jobs.start(job);
     }
+    for pi in &provider_images {
+        state
+            .jobs
+            .announce(crate::jobs::Change::ProviderImage(pi.id));
+    }
 
     let mut doc = Doc::new();
     doc.open("provider_images", &[]);
@@ -340,4 +346,57 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
     }
     doc.close("provider_images");
     Ok(xml_ok(doc.finish()))
+}
+
+/// `POST /api/provider_images/:id/cancel`: stops the push and marks it CANCELLED.
+pub async fn cancel(
+    State(state): State<Shared>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let missing = || {
+        ApiError::not_found(
+            "ProviderImageNotFound",
+            format!("Could not find ProviderImage {raw}"),
+        )
+    };
+    let id = parse_id(&raw).ok_or_else(missing)?;
+    let outcome = blocking(&state, move |store| {
+        let mut refused = None;
+        let updated = store.update_provider_image(id, |pi| {
+            if pi.progress.status.is_terminal() {
+                refused = Some(pi.progress.status);
+            } else {
+                pi.progress.status = crate::model::Status::Cancelled;
+                pi.progress.activity = "cancelled".into();
+            }
+        })?;
+        Ok((updated, refused))
+    })
+    .await?;
+    match outcome {
+        (None, _) => Err(missing()),
+        (Some(_), Some(status)) => Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!(
+                "ProviderImage {raw} is {} and cannot be cancelled",
+                status.as_str()
+            ),
+        )),
+        (Some(_), None) => {
+            state.jobs.cancel(id);
+            state.jobs.announce(crate::jobs::Change::ProviderImage(id));
+            show_one(&state, &headers, &raw, None).await
+        }
+    }
+}
+
+/// The provider image's document as a GET returns it, for webhooks; `None` once deleted.
+pub(super) async fn document(state: &Shared, base: &str, id: Id) -> Option<String> {
+    let pi = blocking(state, move |store| store.provider_image(id))
+        .await
+        .ok()??;
+    let mut doc = Doc::new();
+    write_provider_image(&mut doc, base, &pi);
+    Some(doc.finish())
 }

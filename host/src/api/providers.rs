@@ -689,6 +689,37 @@ pub async fn delete_account(State(state): State<Shared>, Path(id): Path<String>)
     Ok(no_content())
 }
 
+/// `POST /api/provider_types/rescan` (administrators): loads every plugin in the
+/// plugins folder again, so plugins added or replaced there are picked up without a
+/// restart. Jobs already running finish on the version they started with.
+pub async fn rescan(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    if !user.0.admin {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "PermissionDenied",
+            "Insufficient privileges to perform the requested action.",
+        ));
+    }
+    let plugins = state.plugins.clone();
+    let failures = tokio::task::spawn_blocking(move || match plugins.dir() {
+        Some(dir) => plugins.load_dir(dir).map_err(|e| e.to_string()),
+        None => Ok(Vec::new()),
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::validation(vec![e]))?;
+    if !failures.is_empty() {
+        return Err(ApiError::validation(
+            failures.iter().map(|f| f.to_string()).collect(),
+        ));
+    }
+    list_types(State(state), headers).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::humanize;

@@ -328,6 +328,57 @@ pub async fn data(
     Ok(response)
 }
 
+/// `POST /api/target_images/:id/cancel`: stops the build (its plugin call is interrupted
+/// within a tick) and marks the target image CANCELLED. A finished one cannot be.
+pub async fn cancel(
+    State(state): State<Shared>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let id = parse_id(&raw).ok_or_else(|| ti_not_found(&raw))?;
+    let outcome = blocking(&state, move |store| {
+        let mut refused = None;
+        let updated = store.update_target_image(id, |ti| {
+            if ti.progress.status.is_terminal() {
+                refused = Some(ti.progress.status);
+            } else {
+                ti.progress.status = crate::model::Status::Cancelled;
+                ti.progress.activity = "cancelled".into();
+            }
+        })?;
+        Ok((updated, refused))
+    })
+    .await?;
+    match outcome {
+        (None, _) => Err(ti_not_found(&raw)),
+        (Some(_), Some(status)) => Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!(
+                "TargetImage {raw} is {} and cannot be cancelled",
+                status.as_str()
+            ),
+        )),
+        (Some(_), None) => {
+            state.jobs.cancel(id);
+            state.jobs.announce(crate::jobs::Change::TargetImage(id));
+            show_one(&state, &headers, &raw, None).await
+        }
+    }
+}
+
+/// The target image's document as a GET returns it, for webhooks; `None` once deleted.
+pub(super) async fn document(state: &Shared, base: &str, id: Id) -> Option<String> {
+    let found = blocking(state, move |store| match store.target_image(id)? {
+        Some(ti) => row(store, ti).map(Some),
+        None => Ok(None),
+    })
+    .await
+    .ok()??;
+    let mut doc = Doc::new();
+    write_target_image(&mut doc, base, &found);
+    Some(doc.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::byte_range;

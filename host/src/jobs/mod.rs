@@ -10,11 +10,13 @@ use crate::model::{
     self, Account, Disk, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
 };
 use crate::plugins::{
-    self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Target, TemplateFacts,
+    self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Stop, StopReason, Target,
+    TemplateFacts,
 };
 use crate::store::{Store, StoreError};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -34,6 +36,14 @@ enum Step {
     Done(Result<(), String>),
     /// Try again after the pause.
     Retry(Duration),
+    /// Stopped by the server shutting down: the job stays stored for the next start.
+    Suspend,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 /// Progress is written at most this often; the final report is always written.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -67,6 +77,24 @@ impl Paths {
     }
 }
 
+/// How many jobs run at once: in all, per target (image builds are heavy; Image
+/// Factory serialised them for the same reason) and per environment (so one team cannot
+/// take every worker). Zero means no limit for the last two.
+#[derive(Debug, Clone, Copy)]
+pub struct Concurrency {
+    pub workers: usize,
+    pub per_target: usize,
+    pub per_environment: usize,
+}
+
+/// A status change or progress report of a target image or provider image, for
+/// listeners such as webhooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    TargetImage(Id),
+    ProviderImage(Id),
+}
+
 pub struct Jobs {
     store: Arc<Store>,
     plugins: Arc<Plugins>,
@@ -74,7 +102,13 @@ pub struct Jobs {
     paths: Paths,
     /// Where `file://` base images may come from.
     import_dir: Option<PathBuf>,
+    concurrency: Concurrency,
     permits: Arc<Semaphore>,
+    /// Limits per target name and per environment id, made on first use.
+    scoped: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// The stop flag of every job whose plugin call is running.
+    running: Mutex<HashMap<Id, Stop>>,
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 impl Jobs {
@@ -84,7 +118,7 @@ impl Jobs {
         blobs: Arc<Blobs>,
         paths: Paths,
         import_dir: Option<PathBuf>,
-        workers: usize,
+        concurrency: Concurrency,
     ) -> Jobs {
         Jobs {
             store,
@@ -92,8 +126,165 @@ impl Jobs {
             blobs,
             paths,
             import_dir,
-            permits: Arc::new(Semaphore::new(workers.max(1))),
+            concurrency,
+            permits: Arc::new(Semaphore::new(concurrency.workers.max(1))),
+            scoped: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            changes: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// Every status change and progress report, as it is written.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Tells listeners that a record changed (after the change is stored).
+    pub fn announce(&self, change: Change) {
+        // No listener is not an error.
+        let _ = self.changes.send(change);
+    }
+
+    /// Stops the job's plugin call if it is running. The job then marks its record
+    /// CANCELLED. Returns whether a running call was told to stop.
+    pub fn cancel(&self, id: Id) -> bool {
+        match lock(&self.running).get(&id) {
+            Some(stop) => {
+                stop.request(StopReason::Cancelled);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops taking jobs, interrupts running plugin calls (their jobs stay stored and
+    /// run again at the next start) and waits up to `grace` for them to stop.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.permits.close();
+        for stop in lock(&self.running).values() {
+            stop.request(StopReason::Shutdown);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !lock(&self.running).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn semaphore(&self, key: String, size: usize) -> Arc<Semaphore> {
+        lock(&self.scoped)
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(size)))
+            .clone()
+    }
+
+    /// The target and environment a job works for, for the per-scope limits.
+    fn scope(&self, job: &Job) -> Result<(Option<String>, Option<u64>), StoreError> {
+        let environment_of_build = |build: Id| -> Result<Option<u64>, StoreError> {
+            Ok(match self.store.build(build)? {
+                Some(b) => self.store.image(b.image_id)?.map(|i| i.environment_id),
+                None => None,
+            })
+        };
+        Ok(match job.kind {
+            JobKind::Build => match self.store.target_image(job.id)? {
+                Some(ti) => (Some(ti.target.clone()), environment_of_build(ti.build_id)?),
+                None => (None, None),
+            },
+            JobKind::Push => match self.store.provider_image(job.id)? {
+                Some(pi) => {
+                    let target = self.store.provider(pi.provider_id)?.map(|p| p.target);
+                    let env = match self.store.target_image(pi.target_image_id)? {
+                        Some(ti) => environment_of_build(ti.build_id)?,
+                        None => None,
+                    };
+                    (target, env)
+                }
+                None => (None, None),
+            },
+            JobKind::Delete => {
+                let target = match &job.deletion {
+                    Some(d) => self.store.provider(d.provider_id)?.map(|p| p.target),
+                    None => None,
+                };
+                (target, None)
+            }
+        })
+    }
+
+    /// Waits for the permits of a job's target and environment, saying on the record
+    /// what it waits for.
+    async fn scoped_permits(self: &Arc<Self>, job: &Job) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+        let mut permits = Vec::new();
+        let Concurrency {
+            per_target,
+            per_environment,
+            ..
+        } = self.concurrency;
+        if per_target == 0 && per_environment == 0 {
+            return permits;
+        }
+        let jobs = self.clone();
+        let lookup = job.clone();
+        let Ok(Ok((target, env))) = tokio::task::spawn_blocking(move || jobs.scope(&lookup)).await
+        else {
+            return permits;
+        };
+        let mut scopes = Vec::new();
+        if let (Some(target), true) = (target, per_target > 0) {
+            let kind = if job.kind == JobKind::Build {
+                "build"
+            } else {
+                "push"
+            };
+            scopes.push((
+                format!("target/{kind}/{target}"),
+                per_target,
+                format!("waiting: at most {per_target} {kind}(s) for target {target} run at once"),
+            ));
+        }
+        if let (Some(env), true) = (env, per_environment > 0) {
+            scopes.push((
+                format!("environment/{env}"),
+                per_environment,
+                format!(
+                    "waiting: at most {per_environment} job(s) of this environment run at once"
+                ),
+            ));
+        }
+        for (key, size, waiting) in scopes {
+            let semaphore = self.semaphore(key, size);
+            let permit = match semaphore.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    self.note_waiting(job, waiting).await;
+                    match semaphore.acquire_owned().await {
+                        Ok(permit) => permit,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            permits.push(permit);
+        }
+        permits
+    }
+
+    async fn note_waiting(self: &Arc<Self>, job: &Job, activity: String) {
+        let jobs = self.clone();
+        let (id, kind) = (job.id, job.kind);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = match kind {
+                JobKind::Build => jobs
+                    .store
+                    .update_target_image(id, |ti| ti.progress.activity = activity)
+                    .map(|_| ()),
+                JobKind::Push => jobs
+                    .store
+                    .update_provider_image(id, |pi| pi.progress.activity = activity)
+                    .map(|_| ()),
+                JobKind::Delete => Ok(()),
+            };
+        })
+        .await;
     }
 
     pub fn blobs(&self) -> &Blobs {
@@ -144,24 +335,37 @@ impl Jobs {
             return Err("the target image was not built".into());
         }
         loop {
+            let scoped = self.scoped_permits(&job).await;
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 return Err("the server is shutting down".into());
             };
             let jobs = self.clone();
             let id = job.id;
+            let stop = Stop::new();
+            lock(&self.running).insert(id, stop.clone());
             let outcome = tokio::task::spawn_blocking(move || {
                 job.attempts += 1;
                 jobs.store.put_job(&job)?;
                 let step = match job.kind {
-                    JobKind::Build => jobs.build(&job),
-                    JobKind::Push => jobs.push(&job),
+                    JobKind::Build => jobs.build(&job, &stop),
+                    JobKind::Push => jobs.push(&job, &stop),
                     JobKind::Delete => jobs.delete(&job),
                 }?;
+                if matches!(step, Step::Suspend) {
+                    // A shutdown is not the job's fault: the attempt does not count.
+                    job.attempts -= 1;
+                    jobs.store.put_job(&job)?;
+                }
                 Ok::<_, JobError>((job, step))
             })
             .await;
+            lock(&self.running).remove(&id);
             drop(permit);
+            drop(scoped);
             match outcome {
+                Ok(Ok((_, Step::Suspend))) => {
+                    return Err("interrupted by the server shutting down".into());
+                }
                 Ok(Ok((back, Step::Retry(pause)))) => {
                     job = back;
                     tokio::time::sleep(pause).await;
@@ -220,6 +424,7 @@ impl Jobs {
                 store: self.store.clone(),
                 provider,
             })),
+            stop: Stop::new(),
         }
     }
 
@@ -261,6 +466,32 @@ impl Jobs {
                 Step::Done(Err(e.to_string()))
             }
         })
+    }
+
+    /// Changes a target image and tells listeners.
+    fn set_ti(
+        &self,
+        id: Id,
+        change: impl FnOnce(&mut TargetImage),
+    ) -> Result<Option<TargetImage>, StoreError> {
+        let updated = self.store.update_target_image(id, change)?;
+        if updated.is_some() {
+            self.announce(Change::TargetImage(id));
+        }
+        Ok(updated)
+    }
+
+    /// Changes a provider image and tells listeners.
+    fn set_pi(
+        &self,
+        id: Id,
+        change: impl FnOnce(&mut ProviderImage),
+    ) -> Result<Option<ProviderImage>, StoreError> {
+        let updated = self.store.update_provider_image(id, change)?;
+        if updated.is_some() {
+            self.announce(Change::ProviderImage(id));
+        }
+        Ok(updated)
     }
 
     /// Removes a finished job's row. A failure here only means the job is looked at
@@ -326,7 +557,7 @@ impl Jobs {
         }
     }
 
-    fn build(&self, job: &Job) -> Result<Step, JobError> {
+    fn build(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
         let Some(ti) = self.store.target_image(job.id)? else {
             return Ok(Step::Done(Err("the target image was deleted".into())));
         };
@@ -342,19 +573,25 @@ impl Jobs {
             return Ok(Step::Done(Err(reason)));
         }
         let work = self.paths.work_dir(ti.id);
-        let result = self.build_in(&ti, job, &work);
+        let result = self.build_in(&ti, job, &work, stop);
         // Whatever happened, nothing in the work directory is needed any more.
         let _ = std::fs::remove_dir_all(&work);
         result
     }
 
-    fn build_in(&self, ti: &TargetImage, job: &Job, work: &Path) -> Result<Step, JobError> {
+    fn build_in(
+        &self,
+        ti: &TargetImage,
+        job: &Job,
+        work: &Path,
+        stop: &Stop,
+    ) -> Result<Step, JobError> {
         let retry_note = if job.attempts > 1 {
             format!(" (attempt {} of {MAX_ATTEMPTS})", job.attempts)
         } else {
             String::new()
         };
-        self.store.update_target_image(ti.id, |ti| {
+        self.set_ti(ti.id, |ti| {
             ti.progress.status = Status::Building;
             ti.progress.percent = 0;
             ti.progress.error.clear();
@@ -407,7 +644,7 @@ impl Jobs {
                 match fetched {
                     Ok((sha256, size)) => {
                         facts.disk_size = size;
-                        self.store.update_target_image(ti.id, |ti| {
+                        self.set_ti(ti.id, |ti| {
                             if let Some(b) = ti.base_image.as_mut() {
                                 b.sha256 = Some(sha256.clone());
                             }
@@ -419,7 +656,7 @@ impl Jobs {
                         if base_image.url.starts_with("http") && job.attempts < MAX_ATTEMPTS =>
                     {
                         let pause = backoff(job.attempts);
-                        self.store.update_target_image(ti.id, |ti| {
+                        self.set_ti(ti.id, |ti| {
                             ti.progress.activity =
                                 format!("{reason}; retrying in {} s", pause.as_secs());
                         })?;
@@ -434,6 +671,7 @@ impl Jobs {
 
         let mut context = self.progress_context(ti.id, JobKind::Build);
         context.state = None;
+        context.stop = stop.clone();
         let started = Instant::now();
         let result = plugin.build(context, &facts, &base, &output, &ti.parameters);
         tracing::info!(job = %ti.id, target = %ti.target, elapsed = ?started.elapsed(), ok = result.is_ok(), "build finished");
@@ -442,7 +680,7 @@ impl Jobs {
             Ok(built) => built,
             Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
                 let pause = backoff(job.attempts);
-                self.store.update_target_image(ti.id, |ti| {
+                self.set_ti(ti.id, |ti| {
                     ti.progress.activity = format!(
                         "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
                         pause.as_secs(),
@@ -451,9 +689,17 @@ impl Jobs {
                 })?;
                 return Ok(Step::Retry(pause));
             }
+            Err(PluginError::Cancelled) => {
+                self.set_ti(ti.id, |ti| cancelled(&mut ti.progress))?;
+                return Ok(Step::Done(Err("cancelled".into())));
+            }
+            Err(PluginError::Shutdown) => {
+                self.set_ti(ti.id, |ti| suspended(&mut ti.progress))?;
+                return Ok(Step::Suspend);
+            }
             Err(e) => return failed(describe(&e)),
         };
-        self.store.update_target_image(ti.id, |ti| {
+        self.set_ti(ti.id, |ti| {
             ti.progress.activity = "storing the image".into();
         })?;
         // Held until the record names the blob, so collection cannot take it first.
@@ -467,7 +713,11 @@ impl Jobs {
         } else {
             facts_note(&facts)
         };
-        self.store.update_target_image(ti.id, |ti| {
+        self.set_ti(ti.id, |ti| {
+            // A cancel that came too late to stop the plugin still wins.
+            if ti.progress.status == Status::Cancelled {
+                return;
+            }
             ti.progress.status = Status::Complete;
             ti.progress.percent = 100;
             ti.progress.activity = format!("built a {} image{blank_note}", built.format.as_str());
@@ -509,7 +759,7 @@ impl Jobs {
         })
     }
 
-    fn push(&self, job: &Job) -> Result<Step, JobError> {
+    fn push(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
         let Some(pi) = self.store.provider_image(job.id)? else {
             return Ok(Step::Done(Err("the provider image was deleted".into())));
         };
@@ -530,7 +780,7 @@ impl Jobs {
             Ok(found) => found,
             Err(reason) => return failed(reason),
         };
-        self.store.update_provider_image(pi.id, |pi| {
+        self.set_pi(pi.id, |pi| {
             pi.progress.status = Status::Pushing;
             pi.progress.percent = 0;
             pi.progress.error.clear();
@@ -541,11 +791,12 @@ impl Jobs {
             store: self.store.clone(),
             provider: provider_id,
         }));
+        context.stop = stop.clone();
         let identifier = match plugin.push(context, &target, &image, &name, &pi.parameters) {
             Ok(identifier) => identifier,
             Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
                 let pause = backoff(job.attempts);
-                self.store.update_provider_image(pi.id, |pi| {
+                self.set_pi(pi.id, |pi| {
                     pi.progress.activity = format!(
                         "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
                         pause.as_secs(),
@@ -554,9 +805,17 @@ impl Jobs {
                 })?;
                 return Ok(Step::Retry(pause));
             }
+            Err(PluginError::Cancelled) => {
+                self.set_pi(pi.id, |pi| cancelled(&mut pi.progress))?;
+                return Ok(Step::Done(Err("cancelled".into())));
+            }
+            Err(PluginError::Shutdown) => {
+                self.set_pi(pi.id, |pi| suspended(&mut pi.progress))?;
+                return Ok(Step::Suspend);
+            }
             Err(e) => return failed(describe(&e)),
         };
-        let updated = self.store.update_provider_image(pi.id, |pi| {
+        let updated = self.set_pi(pi.id, |pi| {
             pi.progress.status = Status::Complete;
             pi.progress.percent = 100;
             pi.progress.activity = format!("pushed as {identifier}");
@@ -627,6 +886,7 @@ impl Jobs {
     /// [`PROGRESS_EVERY`] unless the report is the last one.
     fn progress_context(&self, id: Id, kind: JobKind) -> CallContext {
         let store = self.store.clone();
+        let changes = self.changes.clone();
         let mut last: Option<Instant> = None;
         let progress = Box::new(move |percent: u8, activity: &str| {
             if percent < 100 && last.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
@@ -652,14 +912,21 @@ impl Jobs {
                     })
                     .map(|_| ()),
             };
-            if let Err(e) = result {
-                tracing::warn!(job = %id, "could not record progress: {e}");
+            match result {
+                Ok(()) => {
+                    let _ = changes.send(match kind {
+                        JobKind::Build => Change::TargetImage(id),
+                        JobKind::Push | JobKind::Delete => Change::ProviderImage(id),
+                    });
+                }
+                Err(e) => tracing::warn!(job = %id, "could not record progress: {e}"),
             }
         });
         CallContext {
             label: id.to_string(),
             progress,
             state: None,
+            stop: Stop::new(),
         }
     }
 }
@@ -703,6 +970,18 @@ impl StateStore for ProviderState {
             .plugin_state_keys(self.provider, prefix, limit)
             .map_err(|e| e.to_string())
     }
+}
+
+fn cancelled(progress: &mut model::Progress) {
+    progress.status = Status::Cancelled;
+    progress.activity = "cancelled".into();
+}
+
+/// Back to waiting: the job runs again when the server starts.
+fn suspended(progress: &mut model::Progress) {
+    progress.status = Status::Pending;
+    progress.activity =
+        "interrupted by the server stopping; it runs again at the next start".into();
 }
 
 fn fail(progress: &mut model::Progress, reason: String) {

@@ -228,6 +228,14 @@ pub struct Job {
     pub deletion: Option<Deletion>,
 }
 
+/// A URL that receives a POST with the target image or provider image on every status
+/// change and progress report (Conductor's `/api/hooks`, version 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    pub id: u64,
+    pub uri: String,
+}
+
 /// An image to remove from a provider after its record was deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deletion {

@@ -12,10 +12,14 @@ pub use disk::{DiskReader, DiskWriter, create_blank};
 use crate::model::DiskFormat;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
@@ -79,6 +83,10 @@ pub enum PluginError {
     Trap(String),
     #[error("the plugin ran past its time limit of {0:?} and was stopped")]
     Timeout(Duration),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("interrupted by the server shutting down")]
+    Shutdown,
     #[error("the server could not run the plugin: {0}")]
     Host(String),
 }
@@ -162,6 +170,43 @@ const STATE_MAX_VALUE: usize = 64 << 10;
 const STATE_MAX_KEYS: usize = 10_000;
 const STATE_MAX_LISTED: usize = 1_000;
 
+/// A flag that stops a running call at the next epoch tick or host call: set by a
+/// user's cancel or by the server shutting down.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<AtomicU8>);
+
+/// Why a call was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    Shutdown,
+}
+
+impl Stop {
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+
+    pub fn request(&self, reason: StopReason) {
+        let value = match reason {
+            StopReason::Cancelled => 1,
+            StopReason::Shutdown => 2,
+        };
+        // The first reason wins: a cancelled job stays cancelled through a shutdown.
+        let _ = self
+            .0
+            .compare_exchange(0, value, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::Shutdown),
+            _ => None,
+        }
+    }
+}
+
 /// What one call needs besides its arguments.
 pub struct CallContext {
     /// Names the job in the log lines the plugin writes.
@@ -169,6 +214,8 @@ pub struct CallContext {
     pub progress: ProgressSink,
     /// The provider's state; `None` during a build.
     pub state: Option<Box<dyn StateStore>>,
+    /// Stops the call when set.
+    pub stop: Stop,
 }
 
 impl CallContext {
@@ -178,6 +225,7 @@ impl CallContext {
             label: label.into(),
             progress: Box::new(|_, _| {}),
             state: None,
+            stop: Stop::new(),
         }
     }
 }
@@ -204,6 +252,11 @@ impl wit::Host for State {}
 
 impl wit_host::Host for State {
     fn progress(&mut self, percent: u8, activity: String) -> wasmtime::Result<()> {
+        // Plugins that sleep or wait in host calls still report progress: a stop request
+        // takes effect here as well as at the next epoch tick.
+        if self.context.stop.reason().is_some() {
+            return Err(wasmtime::Error::from(wasmtime::Trap::Interrupt));
+        }
         // Activities are one line and short; a plugin cannot flood the status with text.
         let line: String = activity
             .lines()
@@ -406,11 +459,20 @@ impl Plugin {
                 .build(),
             context,
         };
+        let stop = state.context.stop.clone();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        let ticks = (self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Every tick the callback decides: stop (cancel, shutdown, past the deadline) or
+        // run one tick more. A call therefore stops within a tick of being told to.
+        let deadline = Instant::now() + self.limits.call_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if stop.reason().is_some() || Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -418,11 +480,15 @@ impl Plugin {
         Ok((store, instance))
     }
 
-    fn trap(&self, error: wasmtime::Error) -> PluginError {
+    fn trap(&self, error: wasmtime::Error, store: &Store<State>) -> PluginError {
         if let Some(trap) = error.downcast_ref::<wasmtime::Trap>()
             && *trap == wasmtime::Trap::Interrupt
         {
-            return PluginError::Timeout(self.limits.call_timeout);
+            return match store.data().context.stop.reason() {
+                Some(StopReason::Cancelled) => PluginError::Cancelled,
+                Some(StopReason::Shutdown) => PluginError::Shutdown,
+                None => PluginError::Timeout(self.limits.call_timeout),
+            };
         }
         // The root cause is the useful line ("unreachable", "out of memory"); the
         // backtrace goes to the log.
@@ -473,7 +539,7 @@ impl Plugin {
                 writer_handle,
                 parameters,
             )
-            .map_err(|e| self.trap(e))?;
+            .map_err(|e| self.trap(e, &store))?;
         let output = result.map_err(PluginError::from)?;
         store
             .data()
@@ -516,7 +582,7 @@ impl Plugin {
                 name,
                 parameters,
             )
-            .map_err(|e| self.trap(e))?;
+            .map_err(|e| self.trap(e, &store))?;
         result.map_err(PluginError::from)
     }
 
@@ -527,7 +593,7 @@ impl Plugin {
         instance
             .conductor_provider_provider()
             .call_check_account(&mut store, &provider, &account)
-            .map_err(|e| self.trap(e))?
+            .map_err(|e| self.trap(e, &store))?
             .map_err(PluginError::from)
     }
 }
@@ -553,7 +619,7 @@ impl Plugin {
         instance
             .conductor_provider_provider()
             .call_delete(&mut store, &provider, &account, identifier)
-            .map_err(|e| self.trap(e))?
+            .map_err(|e| self.trap(e, &store))?
             .map_err(PluginError::from)
     }
 
@@ -569,7 +635,7 @@ impl Plugin {
         let details = instance
             .conductor_provider_provider()
             .call_lookup(&mut store, &provider, &account, identifier)
-            .map_err(|e| self.trap(e))?
+            .map_err(|e| self.trap(e, &store))?
             .map_err(PluginError::from)?;
         Ok(ImageDetails {
             target_identifier: details.target_identifier,
@@ -598,6 +664,11 @@ pub struct Plugins {
     linker: Linker<State>,
     limits: Limits,
     loaded: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// Compiled components, `<sha256 of the wasm>.cwasm`, so a restart does not compile
+    /// again. Written only by this server.
+    cache: Option<PathBuf>,
+    /// The folder of extra plugins, read at start and on a rescan.
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -618,9 +689,23 @@ pub enum LoadError {
 impl Plugins {
     /// Sets up the engine (with epoch interruption for call deadlines) and a thread that
     /// advances the epoch.
-    pub fn new(limits: Limits) -> Result<Plugins, LoadError> {
+    pub fn new(
+        limits: Limits,
+        cache: Option<PathBuf>,
+        dir: Option<PathBuf>,
+    ) -> Result<Plugins, LoadError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // Pre-reserved slots make instantiation a matter of microseconds. The pool is
+        // sized for the workers and API calls that run plugins at once, with room to spare.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(128)
+            .total_core_instances(512)
+            .total_memories(128)
+            .total_tables(512)
+            .total_stacks(128)
+            .max_memory_size(limits.memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -638,12 +723,65 @@ impl Plugins {
                 }
             })
             .map_err(|e| LoadError::Engine(e.to_string()))?;
+        if let Some(cache) = &cache {
+            std::fs::create_dir_all(cache).map_err(|error| LoadError::Io {
+                path: cache.clone(),
+                error,
+            })?;
+        }
         Ok(Plugins {
             engine,
             linker,
             limits,
             loaded: RwLock::new(BTreeMap::new()),
+            cache,
+            dir,
         })
+    }
+
+    /// The folder of extra plugins, if one was configured.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The compiled component: from the cache when a compatible one is there, else
+    /// compiled now and cached.
+    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let Some(cache) = &self.cache else {
+            return Component::new(&self.engine, bytes);
+        };
+        use sha2::Digest;
+        let key: String = sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = cache.join(format!("{key}.cwasm"));
+        if path.exists() {
+            // SAFETY: deserializing runs machine code from the file. The cache folder is
+            // written only by this server, under a name derived from the wasm's own hash;
+            // wasmtime also refuses files from another engine version or configuration,
+            // which are then compiled again below.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::info!("recompiling a stale cache entry {}: {e}", path.display()),
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        match component.serialize() {
+            Ok(compiled) => {
+                let temp = path.with_extension("tmp");
+                let written =
+                    std::fs::write(&temp, compiled).and_then(|()| std::fs::rename(&temp, &path));
+                if let Err(e) = written {
+                    tracing::warn!(
+                        "could not cache a compiled plugin in {}: {e}",
+                        path.display()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("could not serialize a compiled plugin: {e}"),
+        }
+        Ok(component)
     }
 
     /// Compiles a component, checks it links against what the host offers, asks it for
@@ -653,8 +791,7 @@ impl Plugins {
             source_name: source_name.to_owned(),
             reason,
         };
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| invalid(format!("{e:#}")))?;
+        let component = self.compile(bytes).map_err(|e| invalid(format!("{e:#}")))?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -689,7 +826,7 @@ impl Plugins {
             .call_info(&mut store)
             .map_err(|e| LoadError::Info {
                 source_name: source_name.to_owned(),
-                reason: plugin.trap(e).to_string(),
+                reason: plugin.trap(e, &store).to_string(),
             })?;
         if info.target.is_empty()
             || !info

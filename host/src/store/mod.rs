@@ -7,7 +7,7 @@
 mod tables;
 
 use crate::model::{
-    Account, Build, Deletion, Environment, Id, Image, Job, JobKind, Provider, ProviderImage,
+    Account, Build, Deletion, Environment, Hook, Id, Image, Job, JobKind, Provider, ProviderImage,
     TargetImage, User,
 };
 use redb::{Database, Key, ReadableTable, Table, WriteTransaction};
@@ -166,6 +166,7 @@ impl Store {
             txn.open_table(TARGET_IMAGES_BY_BUILD)?;
             txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
             txn.open_table(PLUGIN_STATE)?;
+            txn.open_table(HOOKS)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -321,6 +322,32 @@ impl Store {
         txn.open_table(ACCOUNTS)?.remove(id)?;
         txn.commit()?;
         Ok(())
+    }
+
+    // ---- webhooks ----
+
+    pub fn hooks(&self) -> Result<Vec<Hook>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(HOOKS)?, "hooks")
+    }
+
+    pub fn create_hook(&self, uri: &str) -> Result<Hook> {
+        let txn = self.db.begin_write()?;
+        let hook = Hook {
+            id: Self::next_id(&txn, "hooks")?,
+            uri: uri.to_owned(),
+        };
+        put(&mut txn.open_table(HOOKS)?, hook.id, &hook)?;
+        txn.commit()?;
+        Ok(hook)
+    }
+
+    /// `Ok(false)` when there is no such hook.
+    pub fn delete_hook(&self, id: u64) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(HOOKS)?.remove(id)?.is_some();
+        txn.commit()?;
+        Ok(existed)
     }
 
     // ---- plugin state ----

@@ -33,3 +33,6 @@ pub const PROVIDER_IMAGES_BY_TARGET_IMAGE: TableDefinition<(u128, u128), ()> =
 /// between calls (the mock provider's list of images it holds).
 pub const PLUGIN_STATE: TableDefinition<(u64, &str), &[u8]> =
     TableDefinition::new("plugin-state-v1");
+
+/// Webhooks: id → the URL that receives status changes.
+pub const HOOKS: TableDefinition<u64, &[u8]> = TableDefinition::new("hooks-v1");

@@ -6,6 +6,8 @@
 //! - `fail=build` makes `build` fail, `fail=push` makes `push` fail, with a message
 //!   that names the parameter, so a test can check `status_detail/error`;
 //! - `fail=trap` makes the call panic, which the host sees as a trap;
+//! - `fail=unavailable:N` makes the first N attempts of a push answer `unavailable`
+//!   (the host retries those), counted in the provider's state;
 //! - `delay_ms=N` spreads the call over about N milliseconds in ten progress steps,
 //!   so a test can watch a job while it runs or stop the server under it;
 //! - `format=raw|qcow2|vmdk` picks the format `build` writes (raw by default), so the
@@ -262,6 +264,23 @@ impl Guest for Mock {
     ) -> Result<String, Error> {
         host::progress(0, "uploading to the mock provider");
         injected_failure(&parameters, "push")?;
+        if let Some(times) = param(&parameters, "fail")
+            .and_then(|f| f.strip_prefix("unavailable:"))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            let key = format!("attempts/{name}");
+            let seen = host::state_get(&key)
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0);
+            if seen < times {
+                host::state_set(&key, (seen + 1).to_string().as_bytes())?;
+                return Err(Error::Unavailable(format!(
+                    "the mock provider is unavailable (attempt {} of the {times} the fail parameter asks for)",
+                    seen + 1
+                )));
+            }
+        }
         read_extents(image, &parameters, "uploaded")?;
         let identifier = format!(
             "Mock_{}_{}",
