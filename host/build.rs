@@ -15,8 +15,15 @@ use std::process::Command;
 
 /// Plugins compiled into the server and loaded at every start.
 const BUNDLED: &[&str] = &["mock"];
-/// Plugins only the tests load, from a directory.
-const TEST_ONLY: &[&str] = &["testbed"];
+/// Plugins only the tests load, each with the folder under CONDUCTOR_TEST_PLUGINS it is
+/// copied to. Most tests load the folder itself; the sandbox tests' plugins sit in
+/// subfolders (which `--plugins` does not descend into), so that the provider types and
+/// accounts every other test expects stay the same.
+const TEST_ONLY: &[(&str, &str)] = &[
+    ("testbed", ""),
+    ("hostile", "sandbox"),
+    ("reach", "refused"),
+];
 
 fn main() {
     let manifest_dir =
@@ -51,7 +58,7 @@ fn main() {
     for name in BUNDLED {
         cmd.args(["-p", &format!("conductor-plugin-{name}")]);
     }
-    for name in TEST_ONLY {
+    for (name, _) in TEST_ONLY {
         cmd.args(["-p", &format!("conductor-plugin-{name}")]);
     }
     for var in [
@@ -91,11 +98,13 @@ fn main() {
     generated.push_str("];\n");
     fs::write(out_dir.join("bundled_plugins.rs"), generated).expect("write bundled_plugins.rs");
 
-    // The test-only plugins are copied into one folder, which a test passes as --plugins.
+    // The test-only plugins are copied into one folder (or a subfolder of it), which a
+    // test passes as --plugins.
     let test_dir = out_dir.join("test-plugins");
-    fs::create_dir_all(&test_dir).expect("create test-plugins");
-    for name in TEST_ONLY {
-        fs::copy(wasm(name), test_dir.join(format!("{name}.wasm"))).expect("copy test plugin");
+    for (name, folder) in TEST_ONLY {
+        let dir = test_dir.join(folder);
+        fs::create_dir_all(&dir).expect("create a test-plugins folder");
+        fs::copy(wasm(name), dir.join(format!("{name}.wasm"))).expect("copy test plugin");
     }
     println!(
         "cargo:rustc-env=CONDUCTOR_TEST_PLUGINS={}",

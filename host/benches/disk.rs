@@ -85,7 +85,7 @@ fn main() {
         "# files in {}; median of {RUNS} runs each",
         dir.path().display()
     );
-    let plugins = Plugins::new(Limits::default(), None, None).expect("engine");
+    let plugins = Plugins::new(Limits::default(), &[], None, None).expect("engine");
     plugins.load_bundled().expect("bundled plugins");
     let mock = plugins.get("mock").expect("the mock plugin");
     let out = dir.path().join("out");
@@ -114,6 +114,8 @@ fn main() {
                 &facts,
                 &input,
                 &out,
+                // The server's rule (jobs: base disk + 1/8 + 64 MiB) for the input.
+                size + size / 8 + (64 << 20),
                 &parameters,
             )
             .expect("plugin build");

@@ -76,7 +76,7 @@ fn main() {
         median <= Duration::from_millis(200),
     );
 
-    let plugins = Plugins::new(Limits::default(), None, None).expect("engine");
+    let plugins = Plugins::new(Limits::default(), &[], None, None).expect("engine");
     plugins.load_bundled().expect("bundled");
     let mock = plugins.get("mock").expect("mock");
     let target = Target {

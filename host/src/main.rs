@@ -31,6 +31,10 @@ enum Command {
         /// The server's public URL, used for hrefs when it sits behind a proxy.
         #[arg(long, env = "CONDUCTOR_EXTERNAL_URL")]
         external_url: Option<String>,
+        /// The 32-byte key file that seals account credentials (created with mode 0600 if
+        /// missing); defaults to <data>/credentials.key.
+        #[arg(long, env = "CONDUCTOR_CREDENTIALS_KEY")]
+        credentials_key: Option<PathBuf>,
         /// A folder from which builds may take base images given as file:// URLs.
         #[arg(long, env = "CONDUCTOR_IMPORT_DIR")]
         import_dir: Option<PathBuf>,
@@ -44,6 +48,15 @@ enum Command {
         /// How many jobs of one environment run at once; 0 for no limit beyond --workers.
         #[arg(long, env = "CONDUCTOR_MAX_PER_ENVIRONMENT", default_value_t = 0)]
         max_per_environment: usize,
+        /// Limits of one provider type's plugin calls, or of all with `*`; repeatable:
+        /// TARGET:memory=64MiB,timeout=30s,fuel=1000000000 (any of the three). Entries in
+        /// the environment variable are separated by ';'.
+        #[arg(
+            long = "plugin-limit",
+            env = "CONDUCTOR_PLUGIN_LIMITS",
+            value_delimiter = ';'
+        )]
+        plugin_limits: Vec<conductor::plugins::PluginLimit>,
     },
 }
 
@@ -64,9 +77,11 @@ async fn main() -> anyhow::Result<()> {
             plugins,
             external_url,
             import_dir,
+            credentials_key,
             workers,
             max_per_target,
             max_per_environment,
+            plugin_limits,
         } => {
             conductor::server::serve(conductor::server::Config {
                 listen,
@@ -74,12 +89,14 @@ async fn main() -> anyhow::Result<()> {
                 plugins,
                 external_url,
                 import_dir,
+                credentials_key,
                 concurrency: conductor::jobs::Concurrency {
                     workers,
                     per_target: max_per_target,
                     per_environment: max_per_environment,
                 },
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
+                plugin_limits,
             })
             .await
         }

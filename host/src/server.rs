@@ -6,7 +6,7 @@ use crate::auth::{self, Authenticator};
 use crate::blobs::Blobs;
 use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
-use crate::plugins::{Limits, Plugins};
+use crate::plugins::{Limits, PluginLimit, Plugins};
 use crate::store::Store;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -22,8 +22,12 @@ pub struct Config {
     pub external_url: Option<String>,
     /// Where `file://` base images may be read from; none when unset.
     pub import_dir: Option<PathBuf>,
+    /// The file holding the key that seals credentials; `<data>/credentials.key` when unset.
+    pub credentials_key: Option<PathBuf>,
     /// How many builds and pushes run at once: in all, per target, per environment.
     pub concurrency: Concurrency,
+    /// Limits of plugin calls (memory, time, fuel) for some or all provider types.
+    pub plugin_limits: Vec<PluginLimit>,
     /// The bootstrap admin's password on first start; generated and printed when unset.
     pub admin_password: Option<String>,
 }
@@ -31,13 +35,15 @@ pub struct Config {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating the data directory {}", config.data.display()))?;
+    let key = credential_key(&config)?;
     let store = Arc::new(
-        Store::open(&config.data.join("conductor.redb"))
+        Store::open(&config.data.join("conductor.redb"), &key)
             .with_context(|| format!("opening the database in {}", config.data.display()))?,
     );
 
     let plugins = Arc::new(Plugins::new(
         Limits::default(),
+        &config.plugin_limits,
         Some(config.data.join("plugin-cache")),
         config.plugins.clone(),
     )?);
@@ -113,6 +119,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The key that seals account credentials: read from `--credentials-key` (or
+/// `<data>/credentials.key`), created there with mode 0600 on first start. Losing it
+/// makes stored credentials unreadable, so it belongs in backups with the data.
+fn credential_key(config: &Config) -> anyhow::Result<crate::store::CredentialKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config
+        .credentials_key
+        .clone()
+        .unwrap_or_else(|| config.data.join("credentials.key"));
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{} must hold exactly 32 bytes (it holds {})",
+                path.display(),
+                bytes.len()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: crate::store::CredentialKey = rand::random();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating the credentials key {}", path.display()))?;
+            file.write_all(&key)?;
+            file.sync_all()?;
+            tracing::info!(path = %path.display(), "created the key that seals account credentials");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the credentials key {}", path.display())),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -146,6 +187,8 @@ fn bootstrap(store: &Store, plugins: &Plugins, config: &Config) -> anyhow::Resul
             name: "admin".into(),
             password_hash: auth::hash_password(&password)?,
             admin: true,
+            disabled: false,
+            roles: Vec::new(),
         })?;
         if generated {
             // Printed once: it is not stored anywhere in clear.

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const PASSWORD: &str = "test-password";
-/// Test-only plugins (`testbed`), built by host/build.rs.
+/// Test-only plugins (`testbed`), built by host/build.rs. Its subfolders `sandbox`
+/// (`hostile`) and `refused` (`reach`) hold the sandbox tests' plugins.
 pub const TEST_PLUGINS: &str = env!("CONDUCTOR_TEST_PLUGINS");
 
 pub struct Server {
@@ -68,14 +69,30 @@ impl Server {
 
     /// Starts a server whose bootstrap admin has this password.
     pub fn start_as(data: &Path, args: &[&str], password: &str) -> Server {
+        Server::spawn(data, args, password, None)
+    }
+
+    /// Starts a server that logs everything (debug level) into `log`.
+    pub fn start_logging(data: &Path, args: &[&str], log: &Path) -> Server {
+        Server::spawn(data, args, PASSWORD, Some(log))
+    }
+
+    fn spawn(data: &Path, args: &[&str], password: &str, log: Option<&Path>) -> Server {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log file")),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(args)
             .env("CONDUCTOR_ADMIN_PASSWORD", password)
-            .env("CONDUCTOR_LOG", "warn")
+            .env(
+                "CONDUCTOR_LOG",
+                if log.is_some() { "debug" } else { "warn" },
+            )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start conductor");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -144,6 +161,27 @@ impl Server {
                 .basic_auth("admin", Some(&self.password)),
         )
         .await
+    }
+
+    /// A request as another user.
+    pub async fn as_user(
+        &self,
+        user: &str,
+        password: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> Reply {
+        let mut request = self
+            .request(method, path)
+            .basic_auth(user, Some(password))
+            .header("Accept", "application/xml");
+        if !body.is_empty() {
+            request = request
+                .header("Content-Type", "application/xml")
+                .body(body.to_owned());
+        }
+        self.send(request).await
     }
 
     pub async fn raw(&self, request: reqwest::RequestBuilder) -> Reply {

@@ -2,10 +2,12 @@
 
 use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
-use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
-use crate::model::{Build, Id};
+use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
+use crate::model::{Action, Build, Id};
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use std::collections::HashSet;
 
 fn write_build(doc: &mut Doc, base: &str, build: &Build) {
     let id = build.id.to_string();
@@ -29,8 +31,26 @@ fn build_not_found(id: &str) -> ApiError {
     ApiError::not_found("BuildNotFound", format!("Could not find Build {id}"))
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
-    let builds = blocking(&state, |store| store.builds(None)).await?;
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let builds = blocking(&state, move |store| {
+        // Only the builds of images in the user's environments exist for them.
+        let visible: HashSet<Id> = store
+            .images(None)?
+            .into_iter()
+            .filter(|i| user.0.sees(i.environment_id))
+            .map(|i| i.id)
+            .collect();
+        Ok(store
+            .builds(None)?
+            .into_iter()
+            .filter(|b| visible.contains(&b.image_id))
+            .collect::<Vec<_>>())
+    })
+    .await?;
     render_list(&base(&state, &headers), &builds)
 }
 
@@ -47,6 +67,7 @@ fn render_list(base: &str, builds: &[Build]) -> ApiResult {
 /// A missing parent answers 400, as Conductor did on purpose (BZ 754956).
 pub async fn list_of_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(image): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -55,8 +76,8 @@ pub async fn list_of_image(
     let id = parse_id(&image).ok_or_else(missing)?;
     let builds = blocking(&state, move |store| {
         Ok(match store.image(id)? {
-            Some(_) => Some(store.builds(Some(id))?),
-            None => None,
+            Some(i) if user.0.sees(i.environment_id) => Some(store.builds(Some(id))?),
+            _ => None,
         })
     })
     .await?
@@ -64,12 +85,39 @@ pub async fn list_of_image(
     render_list(&base(&state, &headers), &builds)
 }
 
-async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+/// The build if it exists for this user (and belongs to `parent` when one is given),
+/// with its environment.
+async fn find(
+    state: &Shared,
+    user: &CurrentUser,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult<(Build, u64)> {
     let id = parse_id(raw).ok_or_else(|| build_not_found(raw))?;
-    let build = blocking(state, move |store| store.build(id))
-        .await?
-        .filter(|b| parent.is_none_or(|p| p == b.image_id))
-        .ok_or_else(|| build_not_found(raw))?;
+    let found = blocking(state, move |store| match store.build(id)? {
+        Some(build) => {
+            let env = store.image_environment(build.image_id)?;
+            Ok(Some((build, env)))
+        }
+        None => Ok(None),
+    })
+    .await?;
+    match found {
+        Some((build, env)) if parent.is_none_or(|p| p == build.image_id) && user.sees(env) => {
+            Ok((build, env.unwrap_or_default()))
+        }
+        _ => Err(build_not_found(raw)),
+    }
+}
+
+async fn show_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
+    let (build, _) = find(state, user, raw, parent).await?;
     let mut doc = Doc::new();
     write_build(&mut doc, &base(state, headers), &build);
     Ok(xml_ok(doc.finish()))
@@ -77,34 +125,36 @@ async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option
 
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    show_one(&state, &headers, &id, None).await
+    show_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn show_of_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((image, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let parent = parse_id(&image).ok_or_else(|| build_not_found(&id))?;
-    show_one(&state, &headers, &id, Some(parent)).await
+    show_one(&state, &headers, &user, &id, Some(parent)).await
 }
 
 async fn delete_one(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
-    let id = parse_id(raw).ok_or_else(|| build_not_found(raw))?;
-    let removed = blocking(state, move |store| match store.build(id)? {
-        Some(b) if parent.is_none_or(|p| p == b.image_id) => store.delete_build(id),
-        _ => Ok(None),
-    })
-    .await?
-    .ok_or_else(|| build_not_found(raw))?;
+    let (build, env) = find(state, user, raw, parent).await?;
+    user.require(env, Action::ManageImages)?;
+    let id = build.id;
+    let removed = blocking(state, move |store| store.delete_build(id))
+        .await?
+        .ok_or_else(|| build_not_found(raw))?;
     remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
@@ -122,17 +172,19 @@ async fn delete_one(
 
 pub async fn delete(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    delete_one(&state, &headers, &id, None).await
+    delete_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn delete_of_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((image, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let parent = parse_id(&image).ok_or_else(|| build_not_found(&id))?;
-    delete_one(&state, &headers, &id, Some(parent)).await
+    delete_one(&state, &headers, &user, &id, Some(parent)).await
 }

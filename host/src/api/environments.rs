@@ -7,12 +7,16 @@ use crate::model::Environment;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
     let base = base(&state, &headers);
     let environments = blocking(&state, |store| store.environments()).await?;
     let mut doc = Doc::new();
     doc.open("environments", &[]);
-    for env in &environments {
+    for env in environments.iter().filter(|e| user.0.sees(e.id)) {
         let id = env.id.to_string();
         doc.open(
             "environment",
@@ -29,6 +33,7 @@ pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult 
 /// By numeric id or by name. Lists, per target with member accounts, those accounts.
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -44,7 +49,7 @@ pub async fn show(
         Ok((env, store.accounts()?, store.providers()?))
     })
     .await?;
-    let env = env.ok_or_else(|| {
+    let env = env.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
         ApiError::not_found(
             "RecordNotFound",
             format!("Couldn't find Environment with id={key}"),
@@ -96,32 +101,30 @@ fn family_not_found(id: &str) -> ApiError {
     )
 }
 
-async fn find_family(state: &Shared, raw: &str) -> ApiResult<Environment> {
+/// The environment, if it exists for this user.
+async fn find_family(state: &Shared, user: &CurrentUser, raw: &str) -> ApiResult<Environment> {
     let key = raw.parse::<u64>().map_err(|_| family_not_found(raw))?;
     blocking(state, move |store| store.environment(key))
         .await?
+        .filter(|e| user.0.sees(e.id))
         .ok_or_else(|| family_not_found(raw))
 }
 
-/// Only administrators manage environments and their accounts.
+/// Only global administrators create, change and delete environments.
 fn require_admin(user: &CurrentUser) -> ApiResult<()> {
-    if user.0.admin {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "PermissionDenied",
-            "Insufficient privileges to perform the requested action.",
-        ))
-    }
+    user.require_admin()
 }
 
-pub async fn list_families(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+pub async fn list_families(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
     let base = base(&state, &headers);
     let environments = blocking(&state, |store| store.environments()).await?;
     let mut doc = Doc::new();
     doc.open("pool_families", &[]);
-    for env in &environments {
+    for env in environments.iter().filter(|e| user.0.sees(e.id)) {
         let id = env.id.to_string();
         doc.empty(
             "pool_family",
@@ -173,10 +176,11 @@ async fn render_family(state: &Shared, headers: &HeaderMap, env: Environment) ->
 
 pub async fn show_family(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let env = find_family(&state, &id).await?;
+    let env = find_family(&state, &user, &id).await?;
     Ok(xml_ok(render_family(&state, &headers, env).await?))
 }
 
@@ -239,7 +243,7 @@ pub async fn update_family(
     body: Bytes,
 ) -> ApiResult {
     require_admin(&user)?;
-    let mut env = find_family(&state, &id).await?;
+    let mut env = find_family(&state, &user, &id).await?;
     let body = parse_body(&body, "pool_family")?;
     let existing = blocking(&state, |store| store.environments()).await?;
     let problems = apply_family(&body, &mut env, &existing, false);
@@ -258,7 +262,7 @@ pub async fn delete_family(
     Path(id): Path<String>,
 ) -> ApiResult {
     require_admin(&user)?;
-    let env = find_family(&state, &id).await?;
+    let env = find_family(&state, &user, &id).await?;
     if env.name == DEFAULT_ENVIRONMENT {
         return Err(ApiError::in_use(
             "The default environment cannot be deleted.",
@@ -288,11 +292,12 @@ pub async fn delete_family(
 
 pub async fn list_members(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
     let base = base(&state, &headers);
-    let env = find_family(&state, &id).await?;
+    let env = find_family(&state, &user, &id).await?;
     let accounts = blocking(&state, |store| store.accounts()).await?;
     let mut doc = Doc::new();
     doc.open("provider_accounts", &[]);
@@ -313,9 +318,10 @@ pub async fn list_members(
 /// 204 when the account is a member, 404 with an empty body when not (as Conductor).
 pub async fn show_member(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((family, account)): Path<(String, String)>,
 ) -> ApiResult {
-    let env = find_family(&state, &family).await?;
+    let env = find_family(&state, &user, &family).await?;
     let key = account.parse::<u64>().ok();
     let member = match key {
         Some(key) => blocking(&state, move |store| store.account(key))
@@ -330,8 +336,17 @@ pub async fn show_member(
     })
 }
 
-async fn set_member(state: &Shared, family: &str, account: &str, member: bool) -> ApiResult {
-    let env = find_family(state, family).await?;
+/// Membership is managed by the environment's administrators; the account must be one
+/// they administer somewhere, so no one can pull another team's account in.
+async fn set_member(
+    state: &Shared,
+    user: &CurrentUser,
+    family: &str,
+    account: &str,
+    member: bool,
+) -> ApiResult {
+    let env = find_family(state, user, family).await?;
+    user.require(env.id, crate::model::Action::ManageAccounts)?;
     let missing = || {
         ApiError::not_found(
             "RecordNotFound",
@@ -339,10 +354,18 @@ async fn set_member(state: &Shared, family: &str, account: &str, member: bool) -
         )
     };
     let key = account.parse::<u64>().map_err(|_| missing())?;
+    let user = user.clone();
     let changed = blocking(state, move |store| {
         let Some(mut a) = store.account(key)? else {
             return Ok(false);
         };
+        let administers = user.0.admin
+            || a.environments
+                .iter()
+                .any(|e| user.0.may(*e, crate::model::Action::ManageAccounts));
+        if !administers {
+            return Ok(false);
+        }
         a.environments.retain(|e| *e != env.id);
         if member {
             a.environments.push(env.id);
@@ -364,8 +387,7 @@ pub async fn add_member(
     Extension(user): Extension<CurrentUser>,
     Path((family, account)): Path<(String, String)>,
 ) -> ApiResult {
-    require_admin(&user)?;
-    set_member(&state, &family, &account, true).await
+    set_member(&state, &user, &family, &account, true).await
 }
 
 /// Removes the account from the environment (idempotent).
@@ -374,6 +396,5 @@ pub async fn remove_member(
     Extension(user): Extension<CurrentUser>,
     Path((family, account)): Path<(String, String)>,
 ) -> ApiResult {
-    require_admin(&user)?;
-    set_member(&state, &family, &account, false).await
+    set_member(&state, &user, &family, &account, false).await
 }

@@ -141,6 +141,11 @@ pub async fn create(
         return Ok(empty(StatusCode::NOT_IMPLEMENTED));
     }
     let uri = uri.unwrap_or_default();
+    // A URI with control characters (possible through the form encoding) would make
+    // every later hooks document unreadable as XML.
+    if uri.chars().any(|c| c.is_control()) || uri.len() > 2048 {
+        return Ok(empty(StatusCode::BAD_REQUEST));
+    }
     if !(uri.starts_with("http://") || uri.starts_with("https://"))
         || reqwest::Url::parse(&uri).is_err()
     {

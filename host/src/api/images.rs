@@ -2,12 +2,13 @@
 //! TDL template) and delete with cascade (reference/conductor-api.md §7.2).
 
 use super::xml::{self, Doc, Element};
-use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, xml_ok};
+use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
 use crate::model::{
-    self, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind, Progress,
-    TargetImage, split_list,
+    self, Action, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind,
+    Progress, TargetImage, split_list,
 };
 use crate::store::Removed;
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -39,14 +40,23 @@ fn image_not_found(id: &str) -> ApiError {
     ApiError::not_found("ImageNotFound", format!("Could not find Image {id}"))
 }
 
-async fn render_list(state: &Shared, headers: &HeaderMap, env: Option<String>) -> ApiResult {
+async fn render_list(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    env: Option<String>,
+) -> ApiResult {
     let base = base(state, headers);
+    let user = user.clone();
     let rows = blocking(state, move |store| {
         let environments = store.environments()?;
         let filter = match &env {
             // An unknown environment lists nothing, as Conductor did (not a 404: its
             // client crashes on a 404 for a list).
-            Some(name) => match environments.iter().find(|e| &e.name == name) {
+            Some(name) => match environments
+                .iter()
+                .find(|e| &e.name == name && user.0.sees(e.id))
+            {
                 Some(e) => Some(e.id),
                 None => return Ok(Vec::new()),
             },
@@ -54,6 +64,10 @@ async fn render_list(state: &Shared, headers: &HeaderMap, env: Option<String>) -
         };
         let mut rows = Vec::new();
         for image in store.images(filter)? {
+            // Images of environments the user has no role in do not exist for them.
+            if !user.0.sees(image.environment_id) {
+                continue;
+            }
             let builds = store.builds(Some(image.id))?;
             let env = env_name(&environments, image.environment_id);
             rows.push((image, env, builds));
@@ -78,21 +92,27 @@ fn env_name(environments: &[Environment], id: u64) -> String {
         .unwrap_or_default()
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
-    render_list(&state, &headers, None).await
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    render_list(&state, &headers, &user, None).await
 }
 
 pub async fn list_in_environment(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(env): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    render_list(&state, &headers, Some(env)).await
+    render_list(&state, &headers, &user, Some(env)).await
 }
 
 async fn render_one(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     raw: String,
     env: Option<String>,
 ) -> ApiResult {
@@ -114,7 +134,10 @@ async fn render_one(
     match found {
         // A nested id that does not belong to its parent is not found (a deliberate
         // change: Conductor ignored the environment in the path).
-        Some((env_name, image, builds)) if env.as_ref().is_none_or(|e| *e == env_name) => {
+        Some((env_name, image, builds))
+            if env.as_ref().is_none_or(|e| *e == env_name)
+                && user.sees(Some(image.environment_id)) =>
+        {
             let mut doc = Doc::new();
             write_image(&mut doc, &base, &image, &env_name, &builds);
             Ok(xml_ok(doc.finish()))
@@ -125,18 +148,20 @@ async fn render_one(
 
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    render_one(&state, &headers, id, None).await
+    render_one(&state, &headers, &user, id, None).await
 }
 
 pub async fn show_in_environment(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((env, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    render_one(&state, &headers, id, Some(env)).await
+    render_one(&state, &headers, &user, id, Some(env)).await
 }
 
 /// How long a delete reply waits for the provider-side deletes before it answers; what
@@ -230,25 +255,35 @@ pub(super) async fn remove_files(state: &Shared, removed: &Removed) {
 async fn delete_one(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     raw: String,
     env: Option<String>,
 ) -> ApiResult {
     let base = base(state, headers);
     let id = parse_id(&raw).ok_or_else(|| image_not_found(&raw))?;
-    let removed = blocking(state, move |store| {
-        if let Some(env) = env {
-            let Some(image) = store.image(id)? else {
-                return Ok(None);
-            };
-            let environments = store.environments()?;
-            if env_name(&environments, image.environment_id) != env {
-                return Ok(None);
-            }
-        }
-        store.delete_image(id)
+    let found = blocking(state, move |store| {
+        let Some(image) = store.image(id)? else {
+            return Ok(None);
+        };
+        let environments = store.environments()?;
+        Ok(Some((
+            env_name(&environments, image.environment_id),
+            image.environment_id,
+        )))
     })
-    .await?
-    .ok_or_else(|| image_not_found(&raw))?;
+    .await?;
+    let environment = match found {
+        Some((name, environment))
+            if env.as_ref().is_none_or(|e| *e == name) && user.sees(Some(environment)) =>
+        {
+            environment
+        }
+        _ => return Err(image_not_found(&raw)),
+    };
+    user.require(environment, Action::ManageImages)?;
+    let removed = blocking(state, move |store| store.delete_image(id))
+        .await?
+        .ok_or_else(|| image_not_found(&raw))?;
     remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let id = id.to_string();
@@ -265,18 +300,20 @@ async fn delete_one(
 
 pub async fn delete(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    delete_one(&state, &headers, id, None).await
+    delete_one(&state, &headers, &user, id, None).await
 }
 
 pub async fn delete_in_environment(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((env, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
-    delete_one(&state, &headers, id, Some(env)).await
+    delete_one(&state, &headers, &user, id, Some(env)).await
 }
 
 fn insufficient(message: &str) -> ApiError {
@@ -335,7 +372,12 @@ pub(super) fn parameters(request: &Element) -> Result<Vec<(String, String)>, Api
 }
 
 /// `POST /api/images`: a build from a template (import comes with the provider work).
-pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+pub async fn create(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let request =
         xml::parse(&body).map_err(|_| insufficient("Please specify a type, build or import"))?;
     if request.name != "image" {
@@ -346,9 +388,9 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
         && request.child("target_identifier").is_some()
         && request.child("image_descriptor").is_some();
     if is_build {
-        build(&state, &headers, &request).await
+        build(&state, &headers, &user, &request).await
     } else if is_import {
-        import(&state, &headers, &request).await
+        import(&state, &headers, &user, &request).await
     } else {
         Err(insufficient("Please specify a type, build or import"))
     }
@@ -383,7 +425,12 @@ fn descriptor_name(descriptor: &Element) -> Result<String, ApiError> {
 
 /// `POST /api/images` with an import body: records an image that already exists on a
 /// provider (§7.2.4), after the provider's plugin confirms it exists.
-async fn import(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiResult {
+async fn import(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    request: &Element,
+) -> ApiResult {
     let base = base(state, headers);
     let label = request
         .child_text("provider_account_name")
@@ -409,19 +456,23 @@ async fn import(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRe
         })
         .await?
     };
-    // Checks in Conductor's order, so the same request fails the same way.
-    let account = account.ok_or_else(|| {
-        ApiError::not_found(
-            "ProviderAccountNotFound",
-            format!("Could not find Provider Account for name {label}"),
-        )
-    })?;
-    let environment = environment.ok_or_else(|| {
+    // Checks in Conductor's order, so the same request fails the same way. An account
+    // or environment the user has no role in does not exist for them.
+    let account = account
+        .filter(|a| a.environments.iter().any(|env| user.0.sees(*env)))
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "ProviderAccountNotFound",
+                format!("Could not find Provider Account for name {label}"),
+            )
+        })?;
+    let environment = environment.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
         ApiError::bad_request(
             "ParameterDataIncorrect",
             format!("Environment {env_name} was not found."),
         )
     })?;
+    user.require(environment.id, Action::ManageImages)?;
     if !account.environments.contains(&environment.id) {
         let valid: Vec<&str> = accounts
             .iter()
@@ -556,7 +607,12 @@ async fn import(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRe
     Ok(xml_ok(doc.finish()))
 }
 
-async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiResult {
+async fn build(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    request: &Element,
+) -> ApiResult {
     let base = base(state, headers);
     // Order of checks as Conductor's, so the same request fails with the same error.
     let tdl = request
@@ -569,6 +625,15 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
         .filter(|e| !e.is_empty())
         .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
     let targets = split_list(&request.child_text("targets").unwrap_or_default());
+    if targets.len() > crate::model::MAX_LIST {
+        return Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!(
+                "At most {} targets may be built at once",
+                crate::model::MAX_LIST
+            ),
+        ));
+    }
     let parameters = parameters(request)?;
     let base_image = request
         .child_text("base_image")
@@ -592,12 +657,13 @@ async fn build(state: &Shared, headers: &HeaderMap, request: &Element) -> ApiRes
         })
         .await?
     };
-    let environment = environment.ok_or_else(|| {
+    let environment = environment.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
         ApiError::bad_request(
             "ParameterDataIncorrect",
             format!("Environment {env_name} was not found."),
         )
     })?;
+    user.require(environment.id, Action::ManageImages)?;
     if targets.is_empty() {
         return Err(ApiError::bad_request(
             "ParameterDataIncorrect",

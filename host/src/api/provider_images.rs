@@ -3,10 +3,14 @@
 
 use super::images::{delete_on_providers, parameters, write_content};
 use super::xml::{self, Doc};
-use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
+use super::{
+    ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
+};
+use crate::model::Action;
 use crate::model::{
     self, Account, Id, Job, JobKind, Progress, Provider, ProviderImage, TargetImage, split_list,
 };
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -44,13 +48,27 @@ fn render_list(base: &str, rows: &[ProviderImage]) -> ApiResult {
     Ok(xml_ok(doc.finish()))
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
-    let rows = blocking(&state, |store| store.provider_images(None)).await?;
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let rows = blocking(&state, move |store| {
+        let mut rows = Vec::new();
+        for pi in store.provider_images(None)? {
+            if user.sees(store.target_image_environment(pi.target_image_id)?) {
+                rows.push(pi);
+            }
+        }
+        Ok(rows)
+    })
+    .await?;
     render_list(&base(&state, &headers), &rows)
 }
 
 pub async fn list_of_target_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(ti): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -62,9 +80,10 @@ pub async fn list_of_target_image(
     };
     let id = parse_id(&ti).ok_or_else(missing)?;
     let rows = blocking(&state, move |store| {
-        Ok(match store.target_image(id)? {
-            Some(_) => Some(store.provider_images(Some(id))?),
-            None => None,
+        Ok(if user.sees(store.target_image_environment(id)?) {
+            Some(store.provider_images(Some(id))?)
+        } else {
+            None
         })
     })
     .await?
@@ -72,7 +91,31 @@ pub async fn list_of_target_image(
     render_list(&base(&state, &headers), &rows)
 }
 
-async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+/// The environment of a provider image that exists for this user (under `parent` when
+/// one is given); `None` when it does not.
+async fn visible(
+    state: &Shared,
+    user: &CurrentUser,
+    id: Id,
+    parent: Option<Id>,
+) -> ApiResult<Option<u64>> {
+    let found = blocking(state, move |store| match store.provider_image(id)? {
+        Some(pi) if parent.is_none_or(|p| p == pi.target_image_id) => {
+            store.target_image_environment(pi.target_image_id)
+        }
+        _ => Ok(None),
+    })
+    .await?;
+    Ok(found.filter(|env| user.sees(Some(*env))))
+}
+
+async fn show_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
     let missing = || {
         ApiError::not_found(
             "ProviderImageStatusNotFound",
@@ -80,6 +123,9 @@ async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option
         )
     };
     let id = parse_id(raw).ok_or_else(missing)?;
+    visible(state, user, id, parent)
+        .await?
+        .ok_or_else(missing)?;
     let pi = blocking(state, move |store| store.provider_image(id))
         .await?
         .filter(|pi| parent.is_none_or(|p| p == pi.target_image_id))
@@ -91,24 +137,27 @@ async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option
 
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    show_one(&state, &headers, &id, None).await
+    show_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn show_of_target_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((ti, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let parent = parse_id(&ti).unwrap_or(Id::nil());
-    show_one(&state, &headers, &id, Some(parent)).await
+    show_one(&state, &headers, &user, &id, Some(parent)).await
 }
 
 async fn delete_one(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
@@ -119,14 +168,13 @@ async fn delete_one(
         )
     };
     let id = parse_id(raw).ok_or_else(missing)?;
-    let removed = blocking(state, move |store| match store.provider_image(id)? {
-        Some(pi) if parent.is_none_or(|p| p == pi.target_image_id) => {
-            store.delete_provider_image(id)
-        }
-        _ => Ok(None),
-    })
-    .await?
-    .ok_or_else(missing)?;
+    let env = visible(state, user, id, parent)
+        .await?
+        .ok_or_else(missing)?;
+    user.require(env, Action::ManageImages)?;
+    let removed = blocking(state, move |store| store.delete_provider_image(id))
+        .await?
+        .ok_or_else(missing)?;
     state.jobs.cancel(id);
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
@@ -148,19 +196,21 @@ async fn delete_one(
 
 pub async fn delete(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    delete_one(&state, &headers, &id, None).await
+    delete_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn delete_of_target_image(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((ti, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let parent = parse_id(&ti).unwrap_or(Id::nil());
-    delete_one(&state, &headers, &id, Some(parent)).await
+    delete_one(&state, &headers, &user, &id, Some(parent)).await
 }
 
 fn insufficient(message: &str) -> ApiError {
@@ -168,6 +218,7 @@ fn insufficient(message: &str) -> ApiError {
 }
 
 /// What the push request names, resolved against the store.
+#[derive(Debug, Clone, Copy)]
 enum Selection {
     Image(Id),
     Build(Id),
@@ -177,7 +228,12 @@ enum Selection {
 /// `POST /api/provider_images`: push target images to a comma-separated list of
 /// accounts (§7.5.3). Every account is checked before any push is started, and with an
 /// image or build the newest build's target image per target is used (§12 #11, #12).
-pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+pub async fn create(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let base = base(&state, &headers);
     let request = xml::parse(&body).map_err(|_| insufficient("No Provider Account given"))?;
     if request.name != "provider_image" {
@@ -210,6 +266,15 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
         return Err(missing);
     };
     let labels = split_list(&accounts_text);
+    if labels.len() > crate::model::MAX_LIST {
+        return Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!(
+                "At most {} accounts may be pushed to at once",
+                crate::model::MAX_LIST
+            ),
+        ));
+    }
 
     let resolved = blocking(&state, move |store| {
         let target_images: Option<Vec<TargetImage>> = match selection {
@@ -237,31 +302,45 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
             },
             None => None,
         };
+        let selection_env = match selection {
+            Selection::Image(id) => store.image_environment(id)?,
+            Selection::Build(id) => store.build_environment(id)?,
+            Selection::TargetImage(id) => store.target_image_environment(id)?,
+        };
         Ok((
             target_images,
             environment,
+            selection_env,
             store.accounts()?,
             store.providers()?,
         ))
     })
     .await?;
-    let (target_images, environment, accounts, providers) = resolved;
-    let target_images = target_images.ok_or(missing)?;
+    let (target_images, environment, selection_env, accounts, providers) = resolved;
+    // What the user cannot see does not exist for them.
+    let target_images = target_images
+        .filter(|_| user.sees(selection_env))
+        .ok_or(missing)?;
     if target_images.is_empty() {
         return Err(insufficient("Could not find any matching Target Images"));
     }
     let environment =
         environment.ok_or_else(|| ApiError::internal("a target image without an image"))?;
+    user.require(environment, Action::ManageImages)?;
 
     // Validate every account before dispatching anything.
     let mut plan: Vec<(&Account, &Provider, &TargetImage)> = Vec::new();
     for label in &labels {
-        let account = accounts.iter().find(|a| &a.label == label).ok_or_else(|| {
-            ApiError::not_found(
-                "ProviderAccountNotFound",
-                format!("Could not find Provider Account for name {label}"),
-            )
-        })?;
+        // An account the user has no role for does not exist for them.
+        let account = accounts
+            .iter()
+            .find(|a| &a.label == label && a.environments.iter().any(|e| user.0.sees(*e)))
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "ProviderAccountNotFound",
+                    format!("Could not find Provider Account for name {label}"),
+                )
+            })?;
         if !account.environments.contains(&environment) {
             let valid: Vec<&str> = accounts
                 .iter()
@@ -351,6 +430,7 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
 /// `POST /api/provider_images/:id/cancel`: stops the push and marks it CANCELLED.
 pub async fn cancel(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -361,6 +441,10 @@ pub async fn cancel(
         )
     };
     let id = parse_id(&raw).ok_or_else(missing)?;
+    let env = visible(&state, &user, id, None)
+        .await?
+        .ok_or_else(missing)?;
+    user.require(env, Action::ManageImages)?;
     let outcome = blocking(&state, move |store| {
         let mut refused = None;
         let updated = store.update_provider_image(id, |pi| {
@@ -386,7 +470,7 @@ pub async fn cancel(
         (Some(_), None) => {
             state.jobs.cancel(id);
             state.jobs.announce(crate::jobs::Change::ProviderImage(id));
-            show_one(&state, &headers, &raw, None).await
+            show_one(&state, &headers, &user, &raw, None).await
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, field, no_content, parse_body,
     xml_created, xml_ok,
 };
-use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, name_problem};
+use crate::model::{Account, Action, DEFAULT_ENVIRONMENT, Provider, name_problem};
 use crate::plugins::{Info, PluginError};
 use axum::Extension;
 use axum::body::Bytes;
@@ -233,7 +233,13 @@ fn apply_provider(
     problems
 }
 
-pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> ApiResult {
+pub async fn create(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    user.require_admin()?;
     let body = parse_body(&body, "provider")?;
     let existing = blocking(&state, |store| store.providers()).await?;
     let mut provider = Provider {
@@ -254,10 +260,12 @@ pub async fn create(State(state): State<Shared>, headers: HeaderMap, body: Bytes
 
 pub async fn update(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    user.require_admin()?;
     let mut provider = find_provider(&state, &id).await?;
     let body = parse_body(&body, "provider")?;
     let existing = blocking(&state, |store| store.providers()).await?;
@@ -288,7 +296,12 @@ fn images_in_use(images: &[crate::model::ProviderImage]) -> String {
 }
 
 /// Deletes a provider and its accounts, unless an account still has provider images.
-pub async fn delete(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
+pub async fn delete(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    user.require_admin()?;
     let provider = find_provider(&state, &id).await?;
     let key = provider.id;
     let in_use = blocking(&state, move |store| {
@@ -355,7 +368,12 @@ fn write_account(doc: &mut Doc, base: &str, a: &Account, provider: Option<&Provi
     doc.close("provider_account");
 }
 
-async fn render_accounts(state: &Shared, headers: &HeaderMap, provider: Option<u64>) -> ApiResult {
+async fn render_accounts(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    provider: Option<u64>,
+) -> ApiResult {
     let base = base(state, headers);
     let (accounts, providers) =
         blocking(state, |store| Ok((store.accounts()?, store.providers()?))).await?;
@@ -364,6 +382,7 @@ async fn render_accounts(state: &Shared, headers: &HeaderMap, provider: Option<u
     for a in accounts
         .iter()
         .filter(|a| provider.is_none_or(|p| p == a.provider_id))
+        .filter(|a| account_visible(user, a))
     {
         let p = providers.iter().find(|p| p.id == a.provider_id);
         write_account(&mut doc, &base, a, p, false);
@@ -372,21 +391,46 @@ async fn render_accounts(state: &Shared, headers: &HeaderMap, provider: Option<u
     Ok(xml_ok(doc.finish()))
 }
 
+/// An account exists for a user who has a role in one of its environments.
+fn account_visible(user: &CurrentUser, account: &Account) -> bool {
+    user.0.admin || account.environments.iter().any(|e| user.0.sees(*e))
+}
+
+/// Whether the user administers the account: may see its credentials, change it,
+/// delete it.
+fn administers(user: &CurrentUser, account: &Account) -> bool {
+    user.0.admin
+        || account
+            .environments
+            .iter()
+            .any(|e| user.0.may(*e, Action::ManageAccounts))
+}
+
 /// The list never carries credentials.
-pub async fn list_accounts(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
-    render_accounts(&state, &headers, None).await
+pub async fn list_accounts(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    render_accounts(&state, &headers, &user, None).await
 }
 
 pub async fn list_accounts_of_provider(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
     let provider = find_provider(&state, &id).await?;
-    render_accounts(&state, &headers, Some(provider.id)).await
+    render_accounts(&state, &headers, &user, Some(provider.id)).await
 }
 
-async fn find_account(state: &Shared, raw: &str) -> ApiResult<(Account, Provider)> {
+/// The account and its provider, if the account exists for this user.
+async fn find_account(
+    state: &Shared,
+    user: &CurrentUser,
+    raw: &str,
+) -> ApiResult<(Account, Provider)> {
     let key = raw.parse::<u64>().map_err(|_| account_not_found(raw))?;
     let found = blocking(state, move |store| {
         let Some(account) = store.account(key)? else {
@@ -395,24 +439,26 @@ async fn find_account(state: &Shared, raw: &str) -> ApiResult<(Account, Provider
         Ok(store.provider(account.provider_id)?.map(|p| (account, p)))
     })
     .await?;
-    found.ok_or_else(|| account_not_found(raw))
+    found
+        .filter(|(account, _)| account_visible(user, account))
+        .ok_or_else(|| account_not_found(raw))
 }
 
-/// Credentials are shown to administrators only, who may modify the account.
+/// Credentials are shown only to those who administer the account.
 pub async fn show_account(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let (account, provider) = find_account(&state, &id).await?;
+    let (account, provider) = find_account(&state, &user, &id).await?;
     let mut doc = Doc::new();
     write_account(
         &mut doc,
         &base(&state, &headers),
         &account,
         Some(&provider),
-        user.0.admin,
+        administers(&user, &account),
     );
     Ok(xml_ok(doc.finish()))
 }
@@ -551,10 +597,16 @@ async fn check_credentials(
 async fn create_account_for(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     provider_key: Option<String>,
     body: Bytes,
 ) -> ApiResult {
     let body = parse_body(&body, "provider_account")?;
+    // The environment the account joins: `<environment>` (an addition) or, as in
+    // Conductor, the default one. Its administrators may create accounts for it.
+    let env_name = field(&body, "environment")
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
     // The provider from the URL wins over one in the body, as in Conductor.
     let provider_key = provider_key
         .or_else(|| body.child("provider").and_then(|p| field(p, "id")))
@@ -574,17 +626,19 @@ async fn create_account_for(
         Ok((store.accounts()?, store.environments()?))
     })
     .await?;
+    let environment = environments
+        .iter()
+        .find(|e| e.name == env_name && user.0.sees(e.id))
+        .ok_or_else(|| {
+            ApiError::validation(vec![format!("Environment {env_name} was not found.")])
+        })?;
+    user.require(environment.id, Action::ManageAccounts)?;
     let mut account = Account {
         id: 0,
         label: String::new(),
         provider_id: provider.id,
         credentials: Vec::new(),
-        // New accounts join the default environment, as in Conductor.
-        environments: environments
-            .iter()
-            .filter(|e| e.name == DEFAULT_ENVIRONMENT)
-            .map(|e| e.id)
-            .collect(),
+        environments: vec![environment.id],
         priority: None,
         max_running_instances: None,
     };
@@ -607,30 +661,36 @@ async fn create_account_for(
 
 pub async fn create_account(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    create_account_for(&state, &headers, None, body).await
+    create_account_for(&state, &headers, &user, None, body).await
 }
 
 pub async fn create_account_of_provider(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    create_account_for(&state, &headers, Some(id), body).await
+    create_account_for(&state, &headers, &user, Some(id), body).await
 }
 
 /// Changes what the body names and leaves the rest as it was (Conductor reset a quota
 /// that was left out).
 pub async fn update_account(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let (mut account, provider) = find_account(&state, &id).await?;
+    let (mut account, provider) = find_account(&state, &user, &id).await?;
+    if !administers(&user, &account) {
+        return Err(super::forbidden());
+    }
     let body = parse_body(&body, "provider_account")?;
     let info = state
         .plugins
@@ -665,8 +725,15 @@ pub async fn update_account(
 }
 
 /// Deletes an account unless provider images were pushed with it.
-pub async fn delete_account(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
-    let (account, _) = find_account(&state, &id).await?;
+pub async fn delete_account(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let (account, _) = find_account(&state, &user, &id).await?;
+    if !administers(&user, &account) {
+        return Err(super::forbidden());
+    }
     let key = account.id;
     let in_use = blocking(&state, move |store| {
         let images: Vec<_> = store
@@ -697,13 +764,7 @@ pub async fn rescan(
     Extension(user): Extension<CurrentUser>,
     headers: HeaderMap,
 ) -> ApiResult {
-    if !user.0.admin {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "PermissionDenied",
-            "Insufficient privileges to perform the requested action.",
-        ));
-    }
+    user.require_admin()?;
     let plugins = state.plugins.clone();
     let failures = tokio::task::spawn_blocking(move || match plugins.dir() {
         Some(dir) => plugins.load_dir(dir).map_err(|e| e.to_string()),

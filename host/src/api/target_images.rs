@@ -4,10 +4,14 @@
 
 use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
-use super::{ApiError, ApiResult, Shared, base, blocking, parse_id, write_progress, xml_ok};
+use super::{
+    ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
+};
+use crate::model::Action;
 use crate::model::{Id, ProviderImage, TargetImage};
 use crate::store::Store;
 use crate::store::StoreError;
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 
@@ -16,21 +20,24 @@ struct Row {
     ti: TargetImage,
     template: String,
     provider_images: Vec<ProviderImage>,
+    /// The environment of the image it belongs to.
+    env: Option<u64>,
 }
 
 fn row(store: &Store, ti: TargetImage) -> Result<Row, StoreError> {
-    let template = match store.build(ti.build_id)? {
-        Some(build) => store
-            .image(build.image_id)?
-            .map(|i| i.template_id.to_string())
-            .unwrap_or_default(),
-        None => String::new(),
+    let image = match store.build(ti.build_id)? {
+        Some(build) => store.image(build.image_id)?,
+        None => None,
     };
     let provider_images = store.provider_images(Some(ti.id))?;
     Ok(Row {
         ti,
-        template,
+        template: image
+            .as_ref()
+            .map(|i| i.template_id.to_string())
+            .unwrap_or_default(),
         provider_images,
+        env: image.map(|i| i.environment_id),
     })
 }
 
@@ -95,8 +102,12 @@ fn render_list(base: &str, rows: &[Row]) -> ApiResult {
     Ok(xml_ok(doc.finish()))
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
-    let rows = blocking(&state, |store| {
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let mut rows = blocking(&state, |store| {
         store
             .target_images(None)?
             .into_iter()
@@ -104,11 +115,13 @@ pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult 
             .collect::<Result<Vec<Row>, StoreError>>()
     })
     .await?;
+    rows.retain(|r| user.sees(r.env));
     render_list(&base(&state, &headers), &rows)
 }
 
 pub async fn list_of_build(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(build): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -116,7 +129,7 @@ pub async fn list_of_build(
         || ApiError::bad_request("BuildNotFound", format!("Could not find Build {build}"));
     let id = parse_id(&build).ok_or_else(missing)?;
     let rows = blocking(&state, move |store| {
-        if store.build(id)?.is_none() {
+        if !user.sees(store.build_environment(id)?) {
             return Ok(None);
         }
         let rows: Result<Vec<Row>, StoreError> = store
@@ -131,7 +144,13 @@ pub async fn list_of_build(
     render_list(&base(&state, &headers), &rows)
 }
 
-async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option<Id>) -> ApiResult {
+async fn show_one(
+    state: &Shared,
+    headers: &HeaderMap,
+    user: &CurrentUser,
+    raw: &str,
+    parent: Option<Id>,
+) -> ApiResult {
     let missing = || {
         ApiError::not_found(
             "TargetImageStatusNotFound",
@@ -144,6 +163,7 @@ async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option
         _ => Ok(None),
     })
     .await?
+    .filter(|r| user.sees(r.env))
     .ok_or_else(missing)?;
     let mut doc = Doc::new();
     write_target_image(&mut doc, &base(state, headers), &found);
@@ -152,20 +172,38 @@ async fn show_one(state: &Shared, headers: &HeaderMap, raw: &str, parent: Option
 
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    show_one(&state, &headers, &id, None).await
+    show_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn show_of_build(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((build, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     // A parent that is not an id matches no target image.
     let parent = parse_id(&build).unwrap_or(Id::nil());
-    show_one(&state, &headers, &id, Some(parent)).await
+    show_one(&state, &headers, &user, &id, Some(parent)).await
+}
+
+/// The environment of a target image that exists for this user (under `parent` when
+/// one is given); `None` when it does not.
+async fn visible(
+    state: &Shared,
+    user: &CurrentUser,
+    id: Id,
+    parent: Option<Id>,
+) -> ApiResult<Option<u64>> {
+    let found = blocking(state, move |store| match store.target_image(id)? {
+        Some(ti) if parent.is_none_or(|p| p == ti.build_id) => store.build_environment(ti.build_id),
+        _ => Ok(None),
+    })
+    .await?;
+    Ok(found.filter(|env| user.sees(Some(*env))))
 }
 
 fn ti_not_found(id: &str) -> ApiError {
@@ -178,16 +216,18 @@ fn ti_not_found(id: &str) -> ApiError {
 async fn delete_one(
     state: &Shared,
     headers: &HeaderMap,
+    user: &CurrentUser,
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
     let id = parse_id(raw).ok_or_else(|| ti_not_found(raw))?;
-    let removed = blocking(state, move |store| match store.target_image(id)? {
-        Some(ti) if parent.is_none_or(|p| p == ti.build_id) => store.delete_target_image(id),
-        _ => Ok(None),
-    })
-    .await?
-    .ok_or_else(|| ti_not_found(raw))?;
+    let env = visible(state, user, id, parent)
+        .await?
+        .ok_or_else(|| ti_not_found(raw))?;
+    user.require(env, Action::ManageImages)?;
+    let removed = blocking(state, move |store| store.delete_target_image(id))
+        .await?
+        .ok_or_else(|| ti_not_found(raw))?;
     remove_files(state, &removed).await;
     let outcomes = delete_on_providers(state, &removed).await;
     let base = base(state, headers);
@@ -205,19 +245,21 @@ async fn delete_one(
 
 pub async fn delete(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    delete_one(&state, &headers, &id, None).await
+    delete_one(&state, &headers, &user, &id, None).await
 }
 
 pub async fn delete_of_build(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path((build, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult {
     let parent = parse_id(&build).unwrap_or(Id::nil());
-    delete_one(&state, &headers, &id, Some(parent)).await
+    delete_one(&state, &headers, &user, &id, Some(parent)).await
 }
 
 /// A `Range: bytes=…` header resolved against a body of `size` bytes: one range only,
@@ -256,6 +298,7 @@ fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 /// downloads can resume. 404 until the build is complete.
 pub async fn data(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
@@ -266,6 +309,9 @@ pub async fn data(
 
     let missing = || ti_not_found(&raw);
     let id = parse_id(&raw).ok_or_else(missing)?;
+    visible(&state, &user, id, None)
+        .await?
+        .ok_or_else(missing)?;
     let ti = blocking(&state, move |store| store.target_image(id))
         .await?
         .ok_or_else(missing)?;
@@ -332,10 +378,15 @@ pub async fn data(
 /// within a tick) and marks the target image CANCELLED. A finished one cannot be.
 pub async fn cancel(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
     let id = parse_id(&raw).ok_or_else(|| ti_not_found(&raw))?;
+    let env = visible(&state, &user, id, None)
+        .await?
+        .ok_or_else(|| ti_not_found(&raw))?;
+    user.require(env, Action::ManageImages)?;
     let outcome = blocking(&state, move |store| {
         let mut refused = None;
         let updated = store.update_target_image(id, |ti| {
@@ -361,7 +412,7 @@ pub async fn cancel(
         (Some(_), None) => {
             state.jobs.cancel(id);
             state.jobs.announce(crate::jobs::Change::TargetImage(id));
-            show_one(&state, &headers, &raw, None).await
+            show_one(&state, &headers, &user, &raw, None).await
         }
     }
 }

@@ -10,10 +10,19 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesEnd, BytesStart, BytesText, Event};
 use quick_xml::reader::Reader;
 
+/// The router refuses bodies over 1 MiB; the parser keeps the same cap itself because
+/// handlers also parse text found inside a request (an image descriptor), and a caller
+/// that forgets the router's limit must not get an unbounded tree.
+const MAX_INPUT: usize = 1 << 20;
 /// Deeper nesting than any request or template needs; stops stack-heavy bodies.
 const MAX_DEPTH: usize = 64;
-/// More elements than any request or template needs.
+/// Elements, attributes and text runs together. Each costs around a hundred bytes of
+/// tree, so without a cap a 1 MiB body of `<a/>` or `a=''` would cost dozens of MiB.
 const MAX_NODES: usize = 100_000;
+/// quick-xml checks every attribute against the element's earlier ones for duplicates,
+/// which is quadratic: one tag with 150,000 attributes took 14 s of CPU in a release
+/// build, on a runtime thread. No request or template element has more than a handful.
+const MAX_ATTRIBUTES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
@@ -98,84 +107,86 @@ fn write_element(writer: &mut Writer<Vec<u8>>, element: &Element) {
 
 /// Parses a whole document and returns its root element.
 pub fn parse(input: &[u8]) -> Result<Element, XmlError> {
+    if input.len() > MAX_INPUT {
+        return Err(XmlError(format!(
+            "the document is {} bytes, more than 1 MiB",
+            input.len()
+        )));
+    }
     let text = std::str::from_utf8(input).map_err(|_| XmlError("the body is not UTF-8".into()))?;
+    // quick-xml does not check characters, and a control character that got into a
+    // stored name or description would make every later response that shows it
+    // unreadable to XML clients.
+    if let Some((at, c)) = text.char_indices().find(|&(_, c)| !is_xml_char(c)) {
+        return Err(XmlError(format!(
+            "malformed XML: character U+{:04X} at byte {at} is not allowed in XML",
+            u32::from(c)
+        )));
+    }
     let mut reader = Reader::from_str(text);
     reader.config_mut().check_end_names = true;
-    let mut stack: Vec<Element> = Vec::new();
-    let mut root: Option<Element> = None;
-    let mut nodes = 0usize;
+    let mut tree = Tree::default();
     let malformed = |e: &dyn std::fmt::Display| XmlError(format!("malformed XML: {e}"));
     loop {
         let event = reader.read_event().map_err(|e| malformed(&e))?;
         match event {
-            Event::Start(start) | Event::Empty(start) if root.is_some() => {
-                let _ = start;
+            Event::Start(_) | Event::Empty(_) if tree.root.is_some() => {
                 return Err(XmlError(
                     "malformed XML: content after the root element".into(),
                 ));
             }
             Event::Start(start) => {
-                nodes += 1;
-                if stack.len() >= MAX_DEPTH || nodes > MAX_NODES {
+                if tree.stack.len() >= MAX_DEPTH {
                     return Err(XmlError(format!(
-                        "the document is nested deeper than {MAX_DEPTH} levels or has more than {MAX_NODES} elements"
+                        "the document is nested deeper than {MAX_DEPTH} levels"
                     )));
                 }
-                stack.push(element_from(&start, &reader)?);
+                let element = tree.element_from(&start, &reader)?;
+                tree.stack.push(element);
             }
             Event::Empty(start) => {
-                nodes += 1;
-                let element = element_from(&start, &reader)?;
-                match stack.last_mut() {
-                    Some(parent) => parent.children.push(Node::Element(element)),
-                    None => root = Some(element),
-                }
+                let element = tree.element_from(&start, &reader)?;
+                tree.close(element);
             }
             Event::End(_) => {
-                let element = stack
+                let element = tree
+                    .stack
                     .pop()
                     .ok_or_else(|| XmlError("malformed XML: unexpected end tag".into()))?;
-                match stack.last_mut() {
-                    Some(parent) => parent.children.push(Node::Element(element)),
-                    None => root = Some(element),
-                }
+                tree.close(element);
             }
             Event::Text(t) => {
                 let decoded = t.decode().map_err(|e| malformed(&e))?;
                 let unescaped = quick_xml::escape::unescape(&decoded).map_err(|e| malformed(&e))?;
-                match stack.last_mut() {
-                    Some(parent) => push_text(parent, &unescaped),
-                    None if unescaped.trim().is_empty() => {}
-                    None => {
-                        return Err(XmlError(
-                            "malformed XML: text outside the root element".into(),
-                        ));
-                    }
+                // XML whitespace may surround the root element; nothing else may.
+                let blank = unescaped.trim_matches([' ', '\t', '\n', '\r']).is_empty();
+                if !(tree.stack.is_empty() && blank) {
+                    tree.text(&unescaped, "text")?;
                 }
             }
             Event::GeneralRef(r) => {
-                let name = r.decode().map_err(|e| malformed(&e))?;
-                let resolved = resolve_reference(&name)
-                    .ok_or_else(|| XmlError(format!("malformed XML: unknown entity &{name};")))?;
-                match stack.last_mut() {
-                    Some(parent) => push_text(parent, &resolved),
-                    None => {
-                        return Err(XmlError(
-                            "malformed XML: text outside the root element".into(),
-                        ));
+                let resolved = match r.resolve_char_ref().map_err(|e| malformed(&e))? {
+                    Some(c) if is_xml_char(c) => c.to_string(),
+                    Some(c) => {
+                        return Err(XmlError(format!(
+                            "malformed XML: character U+{:04X} is not allowed in XML",
+                            u32::from(c)
+                        )));
                     }
-                }
+                    None => {
+                        let name = r.decode().map_err(|e| malformed(&e))?;
+                        quick_xml::escape::resolve_predefined_entity(&name)
+                            .ok_or_else(|| {
+                                XmlError(format!("malformed XML: unknown entity &{name};"))
+                            })?
+                            .to_owned()
+                    }
+                };
+                tree.text(&resolved, "a reference")?;
             }
             Event::CData(c) => {
                 let value = String::from_utf8_lossy(&c.into_inner()).into_owned();
-                match stack.last_mut() {
-                    Some(parent) => push_text(parent, &value),
-                    None => {
-                        return Err(XmlError(
-                            "malformed XML: CDATA outside the root element".into(),
-                        ));
-                    }
-                }
+                tree.text(&value, "CDATA")?;
             }
             Event::DocType(_) => {
                 return Err(XmlError(
@@ -186,59 +197,136 @@ pub fn parse(input: &[u8]) -> Result<Element, XmlError> {
             Event::Eof => break,
         }
     }
-    if !stack.is_empty() {
+    if !tree.stack.is_empty() {
         return Err(XmlError(
             "malformed XML: the document ends inside an element".into(),
         ));
     }
-    root.ok_or_else(|| XmlError("the body holds no XML element".into()))
+    tree.root
+        .ok_or_else(|| XmlError("the body holds no XML element".into()))
 }
 
-fn push_text(parent: &mut Element, text: &str) {
-    if let Some(Node::Text(last)) = parent.children.last_mut() {
-        last.push_str(text);
-    } else {
-        parent.children.push(Node::Text(text.to_owned()));
-    }
+/// The characters XML 1.0 allows in a document, raw or as a character reference.
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | ' '..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
-/// The five predefined entities and numeric character references; nothing else.
-fn resolve_reference(name: &str) -> Option<String> {
-    let c = match name {
-        "lt" => '<',
-        "gt" => '>',
-        "amp" => '&',
-        "apos" => '\'',
-        "quot" => '"',
-        _ => {
-            let code = if let Some(hex) = name.strip_prefix("#x") {
-                u32::from_str_radix(hex, 16).ok()?
-            } else {
-                name.strip_prefix('#')?.parse().ok()?
-            };
-            char::from_u32(code)?
-        }
+/// XML's `Name` production. quick-xml takes everything up to white space as the name, so
+/// `<a='x'>` would otherwise be an element called `a='x'`, which `Element::to_xml` could
+/// not write back as the same tree.
+fn is_name(name: &str) -> bool {
+    let start = |c: char| {
+        matches!(c, ':' | 'A'..='Z' | '_' | 'a'..='z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}'
+            | '\u{F8}'..='\u{2FF}' | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}'
+            | '\u{200C}'..='\u{200D}' | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}'
+            | '\u{3001}'..='\u{D7FF}' | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}'
+            | '\u{10000}'..='\u{EFFFF}')
     };
-    Some(c.to_string())
+    let rest = |c: char| {
+        start(c)
+            || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
+    };
+    let mut chars = name.chars();
+    chars.next().is_some_and(start) && chars.all(rest)
 }
 
-fn element_from(start: &BytesStart<'_>, reader: &Reader<&[u8]>) -> Result<Element, XmlError> {
-    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-    let mut attributes = Vec::new();
-    for attr in start.attributes() {
-        let attr = attr.map_err(|e| XmlError(format!("malformed XML attribute: {e}")))?;
-        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
-        let value = attr
-            .decode_and_unescape_value(reader.decoder())
-            .map_err(|e| XmlError(format!("malformed XML attribute: {e}")))?
-            .into_owned();
-        attributes.push((key, value));
+/// The tree being built: the open elements, the finished root, and the node budget.
+#[derive(Default)]
+struct Tree {
+    stack: Vec<Element>,
+    root: Option<Element>,
+    nodes: usize,
+}
+
+impl Tree {
+    /// Charges `count` nodes against [`MAX_NODES`].
+    fn spend(&mut self, count: usize) -> Result<(), XmlError> {
+        self.nodes += count;
+        if self.nodes > MAX_NODES {
+            return Err(XmlError(format!(
+                "the document has more than {MAX_NODES} elements, attributes and text nodes"
+            )));
+        }
+        Ok(())
     }
-    Ok(Element {
-        name,
-        attributes,
-        children: Vec::new(),
-    })
+
+    /// Attaches a finished element to its parent, or makes it the root.
+    fn close(&mut self, element: Element) {
+        match self.stack.last_mut() {
+            Some(parent) => parent.children.push(Node::Element(element)),
+            None => self.root = Some(element),
+        }
+    }
+
+    /// Appends text to the open element, joining it to a text node just before it, so
+    /// that `a&amp;b` is one node, as it is once written back out. Empty text (an empty
+    /// CDATA section) adds no node, since writing it back would not produce one.
+    fn text(&mut self, text: &str, what: &str) -> Result<(), XmlError> {
+        let Some(parent) = self.stack.last_mut() else {
+            return Err(XmlError(format!(
+                "malformed XML: {what} outside the root element"
+            )));
+        };
+        if text.is_empty() {
+            return Ok(());
+        }
+        if let Some(Node::Text(last)) = parent.children.last_mut() {
+            last.push_str(text);
+            return Ok(());
+        }
+        parent.children.push(Node::Text(text.to_owned()));
+        self.spend(1)
+    }
+
+    fn element_from(
+        &mut self,
+        start: &BytesStart<'_>,
+        reader: &Reader<&[u8]>,
+    ) -> Result<Element, XmlError> {
+        self.spend(1)?;
+        let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
+        if !is_name(&name) {
+            return Err(XmlError(format!(
+                "malformed XML: '{name}' is not an element name"
+            )));
+        }
+        let mut attributes = Vec::new();
+        for (index, attr) in start.attributes().enumerate() {
+            // Checked before the next attribute is read, which bounds quick-xml's
+            // duplicate check to MAX_ATTRIBUTES² comparisons.
+            if index >= MAX_ATTRIBUTES {
+                return Err(XmlError(format!(
+                    "element <{name}> has more than {MAX_ATTRIBUTES} attributes"
+                )));
+            }
+            let attr = attr.map_err(|e| XmlError(format!("malformed XML attribute: {e}")))?;
+            let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
+            if !is_name(&key) {
+                return Err(XmlError(format!(
+                    "malformed XML: '{key}' in <{name}> is not an attribute name"
+                )));
+            }
+            let value = attr
+                .decode_and_unescape_value(reader.decoder())
+                .map_err(|e| XmlError(format!("malformed XML attribute: {e}")))?
+                .into_owned();
+            // quick-xml expands character references in attribute values without
+            // checking them against XML's character set, so `&#1;` is caught here.
+            if let Some(c) = value.chars().find(|&c| !is_xml_char(c)) {
+                return Err(XmlError(format!(
+                    "malformed XML: character U+{:04X} in attribute '{key}' is not allowed in XML",
+                    u32::from(c)
+                )));
+            }
+            attributes.push((key, value));
+            self.spend(1)?;
+        }
+        Ok(Element {
+            name,
+            attributes,
+            children: Vec::new(),
+        })
+    }
 }
 
 /// Builds a response document element by element. Conductor put each element on its own
@@ -342,6 +430,105 @@ mod tests {
         assert!(parse(b"<a>&unknown;</a>").is_err());
         let deep = "<a>".repeat(100) + &"</a>".repeat(100);
         assert!(parse(deep.as_bytes()).is_err_and(|e| e.0.contains("nested")));
+    }
+
+    #[test]
+    fn limits_bound_what_a_body_can_cost() {
+        let over = |body: String, needle: &str| {
+            let outcome = parse(body.as_bytes());
+            assert!(
+                outcome.as_ref().is_err_and(|e| e.0.contains(needle)),
+                "{needle}: {outcome:?}"
+            );
+        };
+        // Empty elements, attributes and text runs all count against the node cap, so
+        // none of them can stand in for another to build a huge tree.
+        over(
+            format!("<a>{}</a>", "<b/>".repeat(MAX_NODES)),
+            "100000 elements",
+        );
+        let attributes: String = (0..60).map(|i| format!(" a{i}=''")).collect();
+        let element = format!("<b{attributes}/>");
+        over(
+            format!("<a>{}</a>", element.repeat(MAX_NODES / 60)),
+            "100000 elements",
+        );
+        over(
+            format!("<a>{}</a>", "t<b/>".repeat(MAX_NODES / 2)),
+            "100000 elements",
+        );
+        let attributes: String = (0..=MAX_ATTRIBUTES).map(|i| format!(" a{i}=''")).collect();
+        over(format!("<a{attributes}/>"), "more than 64 attributes");
+        over(
+            format!("<a>{}</a>", "x".repeat(MAX_INPUT)),
+            "more than 1 MiB",
+        );
+        // Just under the caps is fine.
+        let attributes: String = (0..MAX_ATTRIBUTES).map(|i| format!(" a{i}=''")).collect();
+        assert!(parse(format!("<a{attributes}/>").as_bytes()).is_ok());
+        let wide = format!("<a>{}</a>", "<b/>".repeat(MAX_NODES - 1));
+        assert!(parse(wide.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn refuses_characters_that_xml_does_not_allow() {
+        for body in [
+            "<a>\u{1}</a>",
+            "<a>&#1;</a>",
+            "<a>&#0;</a>",
+            "<a>&#x1B;</a>",
+            "<a x='&#1;'/>",
+            "<a x='\u{1b}'/>",
+            "<a>\u{FFFE}</a>",
+            "<a><![CDATA[\u{7}]]></a>",
+        ] {
+            let outcome = parse(body.as_bytes());
+            assert!(
+                outcome
+                    .as_ref()
+                    .is_err_and(|e| e.0.starts_with("malformed XML") && e.0.contains("character")),
+                "{body:?}: {outcome:?}"
+            );
+        }
+        // Tabs, line ends and characters beyond the Basic Multilingual Plane are allowed.
+        let fine = parse("<a x='&#9;'>&#x1F600;\t\r\n\u{10FFFF}</a>".as_bytes());
+        assert_eq!(
+            fine.map(|a| a.text()),
+            Ok("\u{1F600}\t\r\n\u{10FFFF}".to_owned())
+        );
+    }
+
+    #[test]
+    fn names_must_be_xml_names() {
+        for body in [
+            "<a='x'/>",
+            "<a b='1' x&y='2'/>",
+            "<1a/>",
+            "<-a/>",
+            "<a 1='x'/>",
+        ] {
+            let outcome = parse(body.as_bytes());
+            assert!(
+                outcome.as_ref().is_err_and(|e| e.0.contains(" name")),
+                "{body}: {outcome:?}"
+            );
+        }
+        assert!(parse("<x:y-z.1 _é·='v'><Ω/></x:y-z.1>".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn text_outside_the_root_and_empty_cdata() -> Result<(), XmlError> {
+        // Only XML's own whitespace may surround the root element.
+        assert!(parse(b" \r\n\t<a/>\n").is_ok());
+        assert!(parse("\u{A0}<a/>".as_bytes()).is_err());
+        assert!(parse(b"<a/>&amp;").is_err());
+        assert!(parse(b"<a/><![CDATA[x]]>").is_err());
+        // An empty CDATA section adds no text node: written back, it would not be there.
+        let a = parse(b"<a><![CDATA[]]><b/>x<![CDATA[y]]>&amp;</a>")?;
+        assert_eq!(a.children.len(), 2);
+        assert_eq!(a.text(), "xy&");
+        assert_eq!(parse(a.to_xml().as_bytes())?, a);
+        Ok(())
     }
 
     #[test]

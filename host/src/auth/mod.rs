@@ -76,18 +76,26 @@ impl Authenticator {
         }
     }
 
+    /// The user a recently verified header proves, without hashing: cheap enough to
+    /// call on the async runtime.
+    pub fn remembered(&self, header: &str) -> Option<User> {
+        let key = self.hasher.hash_one(header);
+        match self.cache().get(&key) {
+            Some((user, at)) if at.elapsed() < CACHE_FOR => Some(user.clone()),
+            _ => None,
+        }
+    }
+
     /// The user an `Authorization` header proves, or why it proves nobody.
     pub fn authenticate(&self, header: Option<&str>) -> Result<User, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let key = self.hasher.hash_one(header);
-        if let Some((user, at)) = self.cache().get(&key)
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(user.clone());
+        if let Some(user) = self.remembered(header) {
+            return Ok(user);
         }
         let (name, password) = parse_basic(header).ok_or(AuthError::Invalid)?;
         let user = self.store.user(&name)?.ok_or(AuthError::Invalid)?;
-        if !verify_password(&user.password_hash, &password) {
+        if user.disabled || !verify_password(&user.password_hash, &password) {
             return Err(AuthError::Invalid);
         }
         let mut cache = self.cache();
@@ -99,6 +107,12 @@ impl Authenticator {
         }
         cache.insert(key, (user.clone(), Instant::now()));
         Ok(user)
+    }
+
+    /// Forgets remembered logins, after a user was changed or disabled, so the change
+    /// takes effect at the next request.
+    pub fn forget(&self) {
+        self.cache().clear();
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (User, Instant)>> {

@@ -669,11 +669,21 @@ impl Jobs {
                 .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?,
         }
 
+        let base_size = std::fs::metadata(&base)
+            .map_err(|e| JobError::Io(format!("reading the base disk's size: {e}")))?
+            .len();
         let mut context = self.progress_context(ti.id, JobKind::Build);
         context.state = None;
         context.stop = stop.clone();
         let started = Instant::now();
-        let result = plugin.build(context, &facts, &base, &output, &ti.parameters);
+        let result = plugin.build(
+            context,
+            &facts,
+            &base,
+            &output,
+            output_limit(base_size),
+            &ti.parameters,
+        );
         tracing::info!(job = %ti.id, target = %ti.target, elapsed = ?started.elapsed(), ok = result.is_ok(), "build finished");
 
         let built = match result {
@@ -883,16 +893,21 @@ impl Jobs {
     }
 
     /// A progress sink that writes the plugin's reports into the record, at most every
-    /// [`PROGRESS_EVERY`] unless the report is the last one.
+    /// [`PROGRESS_EVERY`] unless the report is the first to reach 100 %. Only that one
+    /// passes early: a plugin repeating 100 % in a loop is held to the pace like any
+    /// other, so no plugin can turn its reports into a stream of writes.
     fn progress_context(&self, id: Id, kind: JobKind) -> CallContext {
         let store = self.store.clone();
         let changes = self.changes.clone();
-        let mut last: Option<Instant> = None;
+        let mut last: Option<(Instant, u8)> = None;
         let progress = Box::new(move |percent: u8, activity: &str| {
-            if percent < 100 && last.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+            if let Some((at, written)) = last
+                && at.elapsed() < PROGRESS_EVERY
+                && (percent < 100 || written == 100)
+            {
                 return;
             }
-            last = Some(Instant::now());
+            last = Some((Instant::now(), percent));
             let activity = activity.to_owned();
             let result = match kind {
                 JobKind::Build => store
@@ -990,9 +1005,23 @@ fn fail(progress: &mut model::Progress, reason: String) {
     progress.error = reason;
 }
 
+/// The most a build may write: the base disk, plus an eighth of it and 64 MiB for the
+/// metadata of an image format (qcow2's tables and VMDK's grain tables and markers stay
+/// well inside that), so a plugin cannot fill the data disk.
+fn output_limit(base_size: u64) -> u64 {
+    base_size
+        .saturating_add(base_size / 8)
+        .saturating_add(64 << 20)
+}
+
 /// The sentence a user sees for a plugin failure.
 fn describe(error: &PluginError) -> String {
-    error.to_string()
+    match error {
+        PluginError::ImageTooLarge { .. } => {
+            format!("{error} (a build may write its base disk's size plus an eighth, plus 64 MiB)")
+        }
+        _ => error.to_string(),
+    }
 }
 
 /// Builds with an install tree start from a blank disk: say so instead of pretending the
@@ -1003,5 +1032,21 @@ fn facts_note(facts: &TemplateFacts) -> String {
             "; the base disk is blank: installing the OS from the template's {kind} install source is not supported, so no OS was installed"
         ),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_may_write_its_base_disk_an_eighth_more_and_64_mib() {
+        assert_eq!(output_limit(0), 64 << 20);
+        assert_eq!(output_limit(64 << 20), (64 + 8 + 64) << 20);
+        assert_eq!(
+            output_limit(10 << 30),
+            (10 << 30) + (1280 << 20) + (64 << 20)
+        );
+        assert_eq!(output_limit(u64::MAX), u64::MAX);
     }
 }

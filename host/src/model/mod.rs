@@ -194,7 +194,9 @@ pub struct Provider {
     pub settings: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Debug output names the credentials but never shows their values, so an account
+/// that ends up in a log line leaks nothing.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub id: u64,
     pub label: String,
@@ -213,7 +215,95 @@ pub struct User {
     pub name: String,
     /// An argon2 PHC string; the password itself is never stored.
     pub password_hash: String,
+    /// A global administrator: every environment, and what belongs to none (users,
+    /// providers, environments themselves, hooks, plugins).
     pub admin: bool,
+    /// A disabled user cannot sign in; the record stays for the audit trail.
+    pub disabled: bool,
+    /// The user's role in each environment they belong to.
+    pub roles: Vec<(u64, Role)>,
+}
+
+/// A user's role in one environment (see docs/permissions.md for the whole table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Everything in the environment, its accounts and membership included.
+    Admin,
+    /// Build, import, push, cancel and delete images; see accounts without credentials.
+    ImageAdmin,
+    /// Look only.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ImageAdmin => "image_admin",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text.trim() {
+            "admin" => Some(Role::Admin),
+            "image_admin" => Some(Role::ImageAdmin),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// What a user may want to do in an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// See images, builds, target and provider images, accounts (without credentials).
+    View,
+    /// Build, import, push, cancel, delete images and what they contain.
+    ManageImages,
+    /// Create, change and delete accounts, show their credentials, change membership.
+    ManageAccounts,
+}
+
+impl User {
+    pub fn role_in(&self, environment: u64) -> Option<Role> {
+        self.roles
+            .iter()
+            .find(|(env, _)| *env == environment)
+            .map(|(_, role)| *role)
+    }
+
+    /// Whether the environment exists for this user at all: anything in one they cannot
+    /// see answers as if it did not exist.
+    pub fn sees(&self, environment: u64) -> bool {
+        self.admin || self.role_in(environment).is_some()
+    }
+
+    pub fn may(&self, environment: u64, action: Action) -> bool {
+        if self.admin {
+            return true;
+        }
+        match (self.role_in(environment), action) {
+            (None, _) => false,
+            (Some(_), Action::View) => true,
+            (Some(Role::Admin | Role::ImageAdmin), Action::ManageImages) => true,
+            (Some(Role::Admin), Action::ManageAccounts) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.credentials.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Account")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .field("provider_id", &self.provider_id)
+            .field("credentials", &names)
+            .field("environments", &self.environments)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Durable work: one row per build or push that has not finished. The record it works on
@@ -273,6 +363,10 @@ pub fn name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// The most items a target or account list may hold: more is a mistake or an attack,
+/// never a real request.
+pub const MAX_LIST: usize = 64;
+
 /// Splits a comma-separated list the way users mean it: items trimmed, empty items
 /// dropped (Conductor kept the spaces, so `ec2, mock` asked for a target " mock").
 pub fn split_list(list: &str) -> Vec<String> {
@@ -291,6 +385,37 @@ mod tests {
     fn lists_are_trimmed_and_empty_items_dropped() {
         assert_eq!(split_list(" ec2, mock,,"), vec!["ec2", "mock"]);
         assert!(split_list("").is_empty());
+    }
+
+    #[test]
+    fn roles_grant_what_the_permission_table_says() {
+        let user = |roles: Vec<(u64, Role)>| User {
+            name: "u".into(),
+            password_hash: String::new(),
+            admin: false,
+            disabled: false,
+            roles,
+        };
+        let viewer = user(vec![(1, Role::Viewer)]);
+        let images = user(vec![(1, Role::ImageAdmin)]);
+        let admin = user(vec![(1, Role::Admin)]);
+        for (who, view, manage_images, manage_accounts) in [
+            (&viewer, true, false, false),
+            (&images, true, true, false),
+            (&admin, true, true, true),
+        ] {
+            assert_eq!(who.may(1, Action::View), view);
+            assert_eq!(who.may(1, Action::ManageImages), manage_images);
+            assert_eq!(who.may(1, Action::ManageAccounts), manage_accounts);
+            // Nothing at all in another environment.
+            assert!(!who.sees(2));
+            assert!(!who.may(2, Action::View));
+        }
+        let global = User {
+            admin: true,
+            ..user(Vec::new())
+        };
+        assert!(global.may(7, Action::ManageAccounts) && global.sees(7));
     }
 
     #[test]

@@ -12,6 +12,14 @@ use quick_xml::events::{BytesRef, BytesStart, Event};
 const MAX_INPUT: usize = 1024 * 1024;
 /// The schema needs five levels; the limit keeps hostile nesting from costing memory.
 const MAX_DEPTH: usize = 32;
+/// Elements and attributes together. A template names a few dozen packages, files and
+/// repositories; the cap keeps a hostile one from building a huge tree, and bounds the
+/// checker, whose numbering of list items costs time in the square of a list's length
+/// (30,000 `<package>`s took 3 s of CPU in a release build).
+const MAX_NODES: usize = 10_000;
+/// quick-xml's duplicate check compares each attribute with the element's earlier ones;
+/// the schema's elements have at most three.
+const MAX_ATTRIBUTES: usize = 64;
 /// A huge broken document would otherwise produce an error message as large as itself.
 const MAX_PROBLEMS: usize = 50;
 /// Oz gives a guest a 10 GiB disk when the template names no size.
@@ -159,6 +167,7 @@ fn read_tree(xml: &str) -> Result<Node, String> {
     reader.config_mut().check_comments = true;
     let mut stack: Vec<Node> = Vec::new();
     let mut root: Option<Node> = None;
+    let mut nodes = 0;
     loop {
         let start = reader.buffer_position();
         let event = reader
@@ -171,11 +180,11 @@ fn read_tree(xml: &str) -> Result<Node, String> {
                 return Err(malformed("the XML declaration is not first"));
             }
             Event::Start(e) => {
-                stack.push(open(&e, &stack, root.is_some())?);
+                stack.push(open(&e, &stack, root.is_some(), &mut nodes)?);
                 continue;
             }
             Event::Empty(e) => {
-                let node = open(&e, &stack, root.is_some())?;
+                let node = open(&e, &stack, root.is_some(), &mut nodes)?;
                 close(node, &mut stack, &mut root);
                 continue;
             }
@@ -204,12 +213,23 @@ fn read_tree(xml: &str) -> Result<Node, String> {
     root.ok_or_else(|| malformed("there is no root element"))
 }
 
-fn open(e: &BytesStart, stack: &[Node], have_root: bool) -> Result<Node, String> {
+/// Reads a start tag into a node, charging it and its attributes to `nodes`.
+fn open(
+    e: &BytesStart,
+    stack: &[Node],
+    have_root: bool,
+    nodes: &mut usize,
+) -> Result<Node, String> {
     if stack.is_empty() && have_root {
         return Err(malformed("more than one root element"));
     }
     if stack.len() >= MAX_DEPTH {
         return Err(format!("XML nesting is deeper than {MAX_DEPTH} levels"));
+    }
+    let too_many = || format!("the template has more than {MAX_NODES} elements and attributes");
+    *nodes += 1;
+    if *nodes > MAX_NODES {
+        return Err(too_many());
     }
     let decoder = e.decoder();
     let name = decoder
@@ -217,7 +237,18 @@ fn open(e: &BytesStart, stack: &[Node], have_root: bool) -> Result<Node, String>
         .map_err(malformed)?
         .into_owned();
     let mut attrs = Vec::new();
-    for attr in e.attributes() {
+    for (index, attr) in e.attributes().enumerate() {
+        // Checked before the next attribute is read, which bounds quick-xml's duplicate
+        // check to MAX_ATTRIBUTES² comparisons.
+        if index >= MAX_ATTRIBUTES {
+            return Err(format!(
+                "element <{name}> has more than {MAX_ATTRIBUTES} attributes"
+            ));
+        }
+        *nodes += 1;
+        if *nodes > MAX_NODES {
+            return Err(too_many());
+        }
         let attr = attr.map_err(|err| malformed(format!("{err} in <{name}>")))?;
         let key = decoder.decode(attr.key.as_ref()).map_err(malformed)?;
         let value = attr.decode_and_unescape_value(decoder).map_err(malformed)?;
@@ -706,6 +737,22 @@ mod tests {
         assert_eq!(
             outcome(&huge),
             format!("the template is {size} bytes, more than 1 MiB")
+        );
+        // Long lists stop at the node cap, which also bounds the checker's time.
+        let packages = format!(
+            "<packages>{}</packages>",
+            "<package name='p'/>".repeat(4_000)
+        );
+        assert!(parse(&template(&packages)).is_ok());
+        let packages = format!("<packages>{}</packages>", "<package/>".repeat(MAX_NODES));
+        assert_eq!(
+            outcome(&template(&packages)),
+            "the template has more than 10000 elements and attributes"
+        );
+        let attributes: String = (0..=MAX_ATTRIBUTES).map(|i| format!(" a{i}=''")).collect();
+        assert_eq!(
+            outcome(&template(&format!("<disk{attributes}/>"))),
+            "element <disk> has more than 64 attributes"
         );
         let deep = template(&format!("{}{}", "<a>".repeat(40), "</a>".repeat(40)));
         assert_eq!(outcome(&deep), "XML nesting is deeper than 32 levels");

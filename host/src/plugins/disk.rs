@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Reads are capped so a plugin cannot make the host allocate without bound in one call.
 pub const MAX_READ: u32 = 16 << 20;
@@ -20,6 +21,9 @@ pub struct DiskWriter {
     file: File,
     /// Writes past this size are refused: a plugin cannot fill the data disk.
     limit: u64,
+    /// Set once a write or resize was refused for the limit, so that a build that then
+    /// fails can say the limit was the cause.
+    refused: AtomicBool,
 }
 
 impl DiskReader {
@@ -68,28 +72,40 @@ impl DiskWriter {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(DiskWriter { file, limit })
+        Ok(DiskWriter {
+            file,
+            limit,
+            refused: AtomicBool::new(false),
+        })
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let end = offset.saturating_add(data.len() as u64);
         if end > self.limit {
-            return Err(io::Error::other(format!(
-                "write ends at byte {end}, past the {} byte limit for this image",
-                self.limit
-            )));
+            return Err(self.refuse(format!("a write ending at byte {end}")));
         }
         self.file.write_all_at(data, offset)
     }
 
     pub fn set_size(&self, size: u64) -> io::Result<()> {
         if size > self.limit {
-            return Err(io::Error::other(format!(
-                "size {size} is past the {} byte limit for this image",
-                self.limit
-            )));
+            return Err(self.refuse(format!("a size of {size} bytes")));
         }
         self.file.set_len(size)
+    }
+
+    /// Whether a write or resize was refused for the limit.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, what: String) -> io::Error {
+        self.refused.store(true, Ordering::Relaxed);
+        io::Error::other(format!(
+            "{what} is past this image's size limit of {} MiB ({} bytes)",
+            self.limit >> 20,
+            self.limit
+        ))
     }
 
     /// Flushes the image to stable storage before the build is reported complete.
@@ -133,7 +149,9 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let writer = DiskWriter::create(&dir.path().join("out.raw"), 1024)?;
         writer.write(0, &[1; 1024])?;
+        assert!(!writer.refused());
         assert!(writer.write(1000, &[1; 100]).is_err());
+        assert!(writer.refused());
         assert!(writer.set_size(2048).is_err());
         Ok(())
     }

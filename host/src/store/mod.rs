@@ -10,6 +10,8 @@ use crate::model::{
     Account, Build, Deletion, Environment, Hook, Id, Image, Job, JobKind, Provider, ProviderImage,
     TargetImage, User,
 };
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
 use redb::{Database, Key, ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -134,12 +136,31 @@ pub struct Removed {
 
 pub struct Store {
     db: Database,
+    /// Seals account credentials: they are stored only encrypted (AES-256-GCM).
+    cipher: Aes256Gcm,
 }
+
+/// An account as stored: like [`Account`], with the credentials sealed.
+#[derive(Serialize, serde::Deserialize)]
+struct AccountRow {
+    id: u64,
+    label: String,
+    provider_id: u64,
+    /// A 12-byte nonce, then the ciphertext (with its tag) of the postcard-encoded
+    /// credentials.
+    sealed_credentials: Vec<u8>,
+    environments: Vec<u64>,
+    priority: Option<i64>,
+    max_running_instances: Option<u64>,
+}
+
+/// The key that seals credentials: 32 bytes.
+pub type CredentialKey = [u8; 32];
 
 impl Store {
     /// Opens (or creates) the database, creates missing tables, and refuses a file written
     /// with another schema version.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path, key: &CredentialKey) -> Result<Store> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
@@ -169,7 +190,10 @@ impl Store {
             txn.open_table(HOOKS)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            cipher: Aes256Gcm::new(key.into()),
+        })
     }
 
     fn next_id(txn: &WriteTransaction, table: &str) -> Result<u64> {
@@ -178,6 +202,73 @@ impl Store {
         let id = meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(1);
         meta.insert(key.as_str(), id + 1)?;
         Ok(id)
+    }
+
+    fn seal(&self, account: &Account) -> Result<AccountRow> {
+        let nonce_bytes: [u8; 12] = rand::random();
+        let plain = postcard::to_stdvec(&account.credentials).unwrap_or_default();
+        let sealed = self
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce_bytes), plain.as_slice())
+            .map_err(|_| StoreError::Corrupt {
+                table: "accounts",
+                reason: "credentials could not be sealed".into(),
+            })?;
+        let mut sealed_credentials = nonce_bytes.to_vec();
+        sealed_credentials.extend(sealed);
+        Ok(AccountRow {
+            id: account.id,
+            label: account.label.clone(),
+            provider_id: account.provider_id,
+            sealed_credentials,
+            environments: account.environments.clone(),
+            priority: account.priority,
+            max_running_instances: account.max_running_instances,
+        })
+    }
+
+    fn open_row(&self, row: AccountRow) -> Result<Account> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            table: "accounts",
+            reason: reason.into(),
+        };
+        if row.sealed_credentials.len() < 12 {
+            return Err(corrupt("sealed credentials are too short"));
+        }
+        let (nonce, sealed) = row.sealed_credentials.split_at(12);
+        let plain = self
+            .cipher
+            .decrypt(Nonce::from_slice(nonce), sealed)
+            .map_err(|_| {
+                corrupt(
+                    "credentials do not open with this server's key (was the key file replaced?)",
+                )
+            })?;
+        let credentials = postcard::from_bytes(&plain).map_err(|e| corrupt(&e.to_string()))?;
+        Ok(Account {
+            id: row.id,
+            label: row.label,
+            provider_id: row.provider_id,
+            credentials,
+            environments: row.environments,
+            priority: row.priority,
+            max_running_instances: row.max_running_instances,
+        })
+    }
+
+    fn put_account_in(
+        &self,
+        table: &mut Table<u64, &'static [u8]>,
+        account: &Account,
+    ) -> Result<()> {
+        put(table, account.id, &self.seal(account)?)
+    }
+
+    fn accounts_in(&self, table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Vec<Account>> {
+        all::<u64, AccountRow>(table, "accounts")?
+            .into_iter()
+            .map(|row| self.open_row(row))
+            .collect()
     }
 
     // ---- environments, users, providers, accounts ----
@@ -231,11 +322,11 @@ impl Store {
         txn.open_table(ENVIRONMENTS)?.remove(id)?;
         {
             let mut table = txn.open_table(ACCOUNTS)?;
-            let accounts: Vec<Account> = all(&table, "accounts")?;
+            let accounts = self.accounts_in(&table)?;
             for mut account in accounts {
                 if account.environments.contains(&id) {
                     account.environments.retain(|e| *e != id);
-                    put(&mut table, account.id, &account)?;
+                    self.put_account_in(&mut table, &account)?;
                 }
             }
         }
@@ -246,6 +337,40 @@ impl Store {
     pub fn user(&self, name: &str) -> Result<Option<User>> {
         let txn = self.db.begin_read()?;
         get(&txn.open_table(USERS)?, "users", name)
+    }
+
+    pub fn users(&self) -> Result<Vec<User>> {
+        let txn = self.db.begin_read()?;
+        all(&txn.open_table(USERS)?, "users")
+    }
+
+    /// The environment an image belongs to.
+    pub fn image_environment(&self, id: Id) -> Result<Option<u64>> {
+        Ok(self.image(id)?.map(|i| i.environment_id))
+    }
+
+    /// The environment of a build's image.
+    pub fn build_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.build(id)? {
+            Some(build) => self.image_environment(build.image_id),
+            None => Ok(None),
+        }
+    }
+
+    /// The environment of a target image's image.
+    pub fn target_image_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.target_image(id)? {
+            Some(ti) => self.build_environment(ti.build_id),
+            None => Ok(None),
+        }
+    }
+
+    /// The environment of a provider image's image.
+    pub fn provider_image_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.provider_image(id)? {
+            Some(pi) => self.target_image_environment(pi.target_image_id),
+            None => Ok(None),
+        }
     }
 
     pub fn put_user(&self, user: &User) -> Result<()> {
@@ -287,9 +412,9 @@ impl Store {
         txn.open_table(PROVIDERS)?.remove(id)?;
         {
             let mut table = txn.open_table(ACCOUNTS)?;
-            let accounts: Vec<Account> = all(&table, "accounts")?;
-            for account in accounts.iter().filter(|a| a.provider_id == id) {
-                table.remove(account.id)?;
+            let rows: Vec<AccountRow> = all(&table, "accounts")?;
+            for row in rows.iter().filter(|a| a.provider_id == id) {
+                table.remove(row.id)?;
             }
         }
         {
@@ -312,7 +437,7 @@ impl Store {
 
     pub fn put_account(&self, account: &Account) -> Result<()> {
         let txn = self.db.begin_write()?;
-        put(&mut txn.open_table(ACCOUNTS)?, account.id, account)?;
+        self.put_account_in(&mut txn.open_table(ACCOUNTS)?, account)?;
         txn.commit()?;
         Ok(())
     }
@@ -416,12 +541,15 @@ impl Store {
 
     pub fn accounts(&self) -> Result<Vec<Account>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(ACCOUNTS)?, "accounts")
+        self.accounts_in(&txn.open_table(ACCOUNTS)?)
     }
 
     pub fn account(&self, id: u64) -> Result<Option<Account>> {
         let txn = self.db.begin_read()?;
-        get(&txn.open_table(ACCOUNTS)?, "accounts", id)
+        match get::<u64, AccountRow>(&txn.open_table(ACCOUNTS)?, "accounts", id)? {
+            Some(row) => Ok(Some(self.open_row(row)?)),
+            None => Ok(None),
+        }
     }
 
     pub fn account_by_label(&self, label: &str) -> Result<Option<Account>> {
@@ -431,7 +559,7 @@ impl Store {
     pub fn create_account(&self, mut account: Account) -> Result<Account> {
         let txn = self.db.begin_write()?;
         account.id = Self::next_id(&txn, "accounts")?;
-        put(&mut txn.open_table(ACCOUNTS)?, account.id, &account)?;
+        self.put_account_in(&mut txn.open_table(ACCOUNTS)?, &account)?;
         txn.commit()?;
         Ok(account)
     }
@@ -831,14 +959,14 @@ mod tests {
             reason: e.to_string(),
         })?;
         let path = dir.path().join("c.redb");
-        drop(Store::open(&path)?);
+        drop(Store::open(&path, &[7; 32])?);
         {
             let db = Database::create(&path)?;
             let txn = db.begin_write()?;
             txn.open_table(META)?.insert("schema-version", 99)?;
             txn.commit()?;
         }
-        match Store::open(&path) {
+        match Store::open(&path, &[7; 32]) {
             Err(e @ StoreError::SchemaMismatch { found: 99 }) => {
                 assert!(e.to_string().contains("restore a backup"));
             }
