@@ -7,6 +7,8 @@
 //!
 //! Needs `wrk` (Debian package `wrk`). Run: `cargo bench --bench api`.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,22 +87,6 @@ fn start(data: &std::path::Path, args: &[&str]) -> (Child, String) {
         }
     }
     (child, url)
-}
-
-fn peak_memory_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| {
-                    v.split_whitespace()
-                        .next()
-                        .and_then(|n| n.parse::<f64>().ok())
-                })
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 fn line(what: &str, figure: String, comparison: String, ratio: f64, budget: &str, met: bool) {
@@ -255,7 +241,7 @@ fn main() {
     );
     println!(
         "# peak memory of the server over the run: {:.0} MiB (VmHWM)",
-        peak_memory_mib(pid)
+        common::peak_memory_mib(Some(pid))
     );
     let _ = server.kill();
     let _ = server.wait();

@@ -10,6 +10,8 @@
 //! Run: `cargo bench --bench disk` (set CONDUCTOR_BENCH_DIR to put the files elsewhere
 //! than the system temporary directory).
 
+mod common;
+
 use conductor::plugins::{CallContext, Limits, Plugins, TemplateFacts};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -163,4 +165,8 @@ fn main() {
     println!(
         "# comparisons: `cp --sparse=always` and `qemu-img convert -f raw -O qcow2` of the same file"
     );
+    // The benchmark hosts the plugins in-process, as the server does: its own peak is the
+    // server's data-path (or plugin-call) peak.
+    let peak = common::peak_memory_mib(None);
+    println!("# peak memory of the process hosting the plugins: {peak:.0} MiB (VmHWM)");
 }

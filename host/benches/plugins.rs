@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench --bench plugins`.
 
+mod common;
+
 use conductor::plugins::{CallContext, Limits, Plugins, Target};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -110,4 +112,8 @@ fn main() {
     println!(
         "# ratio = budget / figure (≥ 1 meets the budget); {STARTS} warm starts, {CALLS} calls"
     );
+    // The benchmark hosts the plugins in-process, as the server does: its own peak is the
+    // server's data-path (or plugin-call) peak.
+    let peak = common::peak_memory_mib(None);
+    println!("# peak memory of the process hosting the plugins: {peak:.0} MiB (VmHWM)");
 }

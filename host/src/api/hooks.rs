@@ -209,13 +209,13 @@ pub fn spawn_dispatcher(state: Shared, base: String) {
                 continue;
             }
             let document = match change {
-                Change::TargetImage(id) => (
+                Change::TargetImage(ti) => (
                     "target_image",
-                    super::target_images::document(&state, &base, id).await,
+                    super::target_images::document(&state, &base, *ti).await,
                 ),
-                Change::ProviderImage(id) => (
+                Change::ProviderImage(pi) => (
                     "provider_image",
-                    super::provider_images::document(&state, &base, id).await,
+                    super::provider_images::document(&state, &base, *pi).await,
                 ),
             };
             let (event, Some(body)) = document else {

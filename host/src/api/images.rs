@@ -751,11 +751,14 @@ async fn build(
         })
         .await?;
     }
+    // NEW is announced before the jobs start, so listeners see it first.
+    for ti in &target_images {
+        state
+            .jobs
+            .announce(crate::jobs::Change::TargetImage(Box::new(ti.clone())));
+    }
     for job in jobs {
         state.jobs.start(job);
-    }
-    for ti in &target_images {
-        state.jobs.announce(crate::jobs::Change::TargetImage(ti.id));
     }
 
     let iid = image.id.to_string();

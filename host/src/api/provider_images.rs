@@ -398,13 +398,14 @@ pub async fn create(
         let (pis, jobs) = (provider_images.clone(), jobs.clone());
         blocking(&state, move |store| store.create_push(&pis, &jobs)).await?;
     }
-    for job in jobs {
-        state.jobs.start(job);
-    }
+    // NEW is announced before the jobs start, so listeners see it first.
     for pi in &provider_images {
         state
             .jobs
-            .announce(crate::jobs::Change::ProviderImage(pi.id));
+            .announce(crate::jobs::Change::ProviderImage(Box::new(pi.clone())));
+    }
+    for job in jobs {
+        state.jobs.start(job);
     }
 
     let mut doc = Doc::new();
@@ -467,19 +468,18 @@ pub async fn cancel(
                 status.as_str()
             ),
         )),
-        (Some(_), None) => {
+        (Some(pi), None) => {
             state.jobs.cancel(id);
-            state.jobs.announce(crate::jobs::Change::ProviderImage(id));
+            state
+                .jobs
+                .announce(crate::jobs::Change::ProviderImage(Box::new(pi)));
             show_one(&state, &headers, &user, &raw, None).await
         }
     }
 }
 
-/// The provider image's document as a GET returns it, for webhooks; `None` once deleted.
-pub(super) async fn document(state: &Shared, base: &str, id: Id) -> Option<String> {
-    let pi = blocking(state, move |store| store.provider_image(id))
-        .await
-        .ok()??;
+/// The document of a provider image as it was when it changed, for webhooks.
+pub(super) async fn document(_state: &Shared, base: &str, pi: ProviderImage) -> Option<String> {
     let mut doc = Doc::new();
     write_provider_image(&mut doc, base, &pi);
     Some(doc.finish())

@@ -409,22 +409,19 @@ pub async fn cancel(
                 status.as_str()
             ),
         )),
-        (Some(_), None) => {
+        (Some(ti), None) => {
             state.jobs.cancel(id);
-            state.jobs.announce(crate::jobs::Change::TargetImage(id));
+            state
+                .jobs
+                .announce(crate::jobs::Change::TargetImage(Box::new(ti)));
             show_one(&state, &headers, &user, &raw, None).await
         }
     }
 }
 
-/// The target image's document as a GET returns it, for webhooks; `None` once deleted.
-pub(super) async fn document(state: &Shared, base: &str, id: Id) -> Option<String> {
-    let found = blocking(state, move |store| match store.target_image(id)? {
-        Some(ti) => row(store, ti).map(Some),
-        None => Ok(None),
-    })
-    .await
-    .ok()??;
+/// The document of a target image as it was when it changed, for webhooks.
+pub(super) async fn document(state: &Shared, base: &str, ti: TargetImage) -> Option<String> {
+    let found = blocking(state, move |store| row(store, ti)).await.ok()?;
     let mut doc = Doc::new();
     write_target_image(&mut doc, base, &found);
     Some(doc.finish())

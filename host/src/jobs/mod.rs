@@ -88,11 +88,12 @@ pub struct Concurrency {
 }
 
 /// A status change or progress report of a target image or provider image, for
-/// listeners such as webhooks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// listeners such as webhooks. It carries the record as written, so a listener that
+/// runs later still reports each state in order rather than whatever is current.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    TargetImage(Id),
-    ProviderImage(Id),
+    TargetImage(Box<TargetImage>),
+    ProviderImage(Box<ProviderImage>),
 }
 
 pub struct Jobs {
@@ -475,8 +476,8 @@ impl Jobs {
         change: impl FnOnce(&mut TargetImage),
     ) -> Result<Option<TargetImage>, StoreError> {
         let updated = self.store.update_target_image(id, change)?;
-        if updated.is_some() {
-            self.announce(Change::TargetImage(id));
+        if let Some(ti) = &updated {
+            self.announce(Change::TargetImage(Box::new(ti.clone())));
         }
         Ok(updated)
     }
@@ -488,8 +489,8 @@ impl Jobs {
         change: impl FnOnce(&mut ProviderImage),
     ) -> Result<Option<ProviderImage>, StoreError> {
         let updated = self.store.update_provider_image(id, change)?;
-        if updated.is_some() {
-            self.announce(Change::ProviderImage(id));
+        if let Some(pi) = &updated {
+            self.announce(Change::ProviderImage(Box::new(pi.clone())));
         }
         Ok(updated)
     }
@@ -917,7 +918,7 @@ impl Jobs {
                             ti.progress.activity = activity;
                         }
                     })
-                    .map(|_| ()),
+                    .map(|ti| ti.map(|ti| Change::TargetImage(Box::new(ti)))),
                 JobKind::Push | JobKind::Delete => store
                     .update_provider_image(id, |pi| {
                         if !pi.progress.status.is_terminal() {
@@ -925,15 +926,13 @@ impl Jobs {
                             pi.progress.activity = activity;
                         }
                     })
-                    .map(|_| ()),
+                    .map(|pi| pi.map(|pi| Change::ProviderImage(Box::new(pi)))),
             };
             match result {
-                Ok(()) => {
-                    let _ = changes.send(match kind {
-                        JobKind::Build => Change::TargetImage(id),
-                        JobKind::Push | JobKind::Delete => Change::ProviderImage(id),
-                    });
+                Ok(Some(change)) => {
+                    let _ = changes.send(change);
                 }
+                Ok(None) => {}
                 Err(e) => tracing::warn!(job = %id, "could not record progress: {e}"),
             }
         });
