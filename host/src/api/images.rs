@@ -63,12 +63,11 @@ async fn render_list(
             None => None,
         };
         let mut rows = Vec::new();
-        for image in store.images(filter)? {
+        for (image, builds) in store.images_with_builds(filter)? {
             // Images of environments the user has no role in do not exist for them.
             if !user.0.sees(image.environment_id) {
                 continue;
             }
-            let builds = store.builds(Some(image.id))?;
             let env = env_name(&environments, image.environment_id);
             rows.push((image, env, builds));
         }

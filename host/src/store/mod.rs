@@ -591,6 +591,43 @@ impl Store {
         }
     }
 
+    /// Images (all, or one environment's) with their builds, read in one transaction:
+    /// listing 10,000 images costs one index scan, not one transaction per image.
+    pub fn images_with_builds(&self, environment: Option<u64>) -> Result<Vec<(Image, Vec<Build>)>> {
+        let txn = self.db.begin_read()?;
+        let images_table = txn.open_table(IMAGES)?;
+        let images: Vec<Image> = match environment {
+            None => all(&images_table, "images")?,
+            Some(env) => {
+                let index = txn.open_table(IMAGES_BY_ENVIRONMENT)?;
+                let mut rows = Vec::new();
+                for entry in index.range((env, 0u128)..=(env, u128::MAX))? {
+                    let (key, _) = entry?;
+                    rows.extend(get::<u128, Image>(&images_table, "images", key.value().1)?);
+                }
+                rows
+            }
+        };
+        let builds_table = txn.open_table(BUILDS)?;
+        let index = txn.open_table(BUILDS_BY_IMAGE)?;
+        let mut by_image: std::collections::HashMap<u128, Vec<Build>> =
+            std::collections::HashMap::new();
+        for entry in index.iter()? {
+            let (key, _) = entry?;
+            let (image, build) = key.value();
+            if let Some(b) = get::<u128, Build>(&builds_table, "builds", build)? {
+                by_image.entry(image).or_default().push(b);
+            }
+        }
+        Ok(images
+            .into_iter()
+            .map(|image| {
+                let builds = by_image.remove(&image.id.as_u128()).unwrap_or_default();
+                (image, builds)
+            })
+            .collect())
+    }
+
     pub fn build(&self, id: Id) -> Result<Option<Build>> {
         let txn = self.db.begin_read()?;
         get(&txn.open_table(BUILDS)?, "builds", id.as_u128())
