@@ -19,11 +19,7 @@ const BUNDLED: &[&str] = &["mock"];
 /// copied to. Most tests load the folder itself; the sandbox tests' plugins sit in
 /// subfolders (which `--plugins` does not descend into), so that the provider types and
 /// accounts every other test expects stay the same.
-const TEST_ONLY: &[(&str, &str)] = &[
-    ("testbed", ""),
-    ("hostile", "sandbox"),
-    ("reach", "refused"),
-];
+const TEST_ONLY: &[(&str, &str)] = &[("testbed", ""), ("hostile", "sandbox"), ("reach", "reach")];
 
 fn main() {
     let manifest_dir =

@@ -1,7 +1,7 @@
 //! The plugin sandbox: a hostile plugin (tests/plugins/hostile) that loops, hoards
 //! memory, panics, floods, writes past its disk or sleeps fails its own job with a reason
 //! a user can read, while a mock build beside it completes and the API keeps answering;
-//! and a plugin importing what the server does not offer is refused at load.
+//! and a plugin reaches only the hosts its provider grants.
 
 use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, template};
 use std::time::{Duration, Instant};
@@ -255,29 +255,75 @@ async fn a_hostile_push_fails_only_itself_and_a_behaving_build_completes() {
     );
 }
 
-#[tokio::test]
-async fn a_plugin_importing_what_the_server_does_not_offer_is_refused_at_load() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let refused = format!("{TEST_PLUGINS}/refused");
-    let server = Server::start_with(dir.path(), &["--plugins", &refused]);
-    // The server started without it and serves the bundled plugin.
-    server
-        .get("/api/provider_types/reach")
+/// Counts the HTTP requests that reach a loopback listener, answering each with 204.
+async fn listener() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .assert_error(404, "RecordNotFound");
-    let mock = build(&server, "mock", &[]).await;
-    assert_eq!(watch(&server, &mock).await.text("status"), "COMPLETE");
-    // A rescan says which file and which import: the first of wasi:http's that the
-    // linker looks at.
-    let rescan = server.post("/api/provider_types/rescan", "").await;
-    assert_eq!(rescan.status, 422, "{}", rescan.body);
-    let message = rescan.text("message");
-    assert!(message.contains("reach.wasm"), "{message}");
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream
+                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    (address, count)
+}
+
+#[tokio::test]
+async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reach = format!("{TEST_PLUGINS}/reach");
+    let server = Server::start_with(dir.path(), &["--plugins", &reach]);
+    // A build has no provider, so nothing is granted: the request is refused before any
+    // connection, and the job says which host was refused.
+    let ended = beside_a_mock_build(&server, build(&server, "reach", &[])).await;
+    assert_eq!(ended.text("status"), "FAILED", "{}", ended.body);
+    let error = ended.text("error");
     assert!(
-        message.contains("it imports wasi:http/")
-            && message.contains("which this server does not offer plugins"),
-        "{message}"
+        error.contains(
+            "tried to reach 127.0.0.1:9, which its provider does not grant (granted: none)"
+        ),
+        "{error}"
     );
+
+    // A provider whose url names the listener grants it: the account check gets through.
+    let (address, count) = listener().await;
+    let provider = server
+        .post(
+            "/api/providers",
+            &format!("<provider><name>reach2</name><url>http://{address}/</url><provider_type id='reach'/></provider>"),
+        )
+        .await;
+    assert_eq!(provider.status, 201, "{}", provider.body);
+    let id = provider.ids("provider")[0].clone();
+    let account = server
+        .post(
+            &format!("/api/providers/{id}/provider_accounts"),
+            "<provider_account><label>granted</label><credentials></credentials></provider_account>",
+        )
+        .await;
+    assert_eq!(account.status, 201, "{}", account.body);
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The seeded reach provider (after mock, so id 2) names no url: its account check is
+    // refused, and said so.
+    let refused = server
+        .post(
+            "/api/providers/2/provider_accounts",
+            "<provider_account><label>refused</label><credentials></credentials></provider_account>",
+        )
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(refused.body.contains("does not grant"), "{}", refused.body);
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(server.get("/api").await.status, 200);
 }
 

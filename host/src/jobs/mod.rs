@@ -392,7 +392,7 @@ impl Jobs {
     /// Blocking: it runs the plugin.
     pub fn check_account(&self, provider: &Provider, account: &Account) -> Result<(), PluginError> {
         let plugin = self.plugin_for(provider)?;
-        let context = self.call_context(format!("check account {}", account.label), provider.id);
+        let context = self.call_context(format!("check account {}", account.label), provider);
         plugin.check_account(context, &target_of(provider, account))
     }
 
@@ -404,7 +404,7 @@ impl Jobs {
         identifier: &str,
     ) -> Result<ImageDetails, PluginError> {
         let plugin = self.plugin_for(provider)?;
-        let context = self.call_context(format!("lookup {identifier}"), provider.id);
+        let context = self.call_context(format!("lookup {identifier}"), provider);
         plugin.lookup(context, &target_of(provider, account), identifier)
     }
 
@@ -417,15 +417,16 @@ impl Jobs {
         })
     }
 
-    fn call_context(&self, label: String, provider: u64) -> CallContext {
+    fn call_context(&self, label: String, provider: &Provider) -> CallContext {
         CallContext {
             label,
             progress: Box::new(|_, _| {}),
             state: Some(Box::new(ProviderState {
                 store: self.store.clone(),
-                provider,
+                provider: provider.id,
             })),
             stop: Stop::new(),
+            hosts: plugins::provider_hosts(&provider.settings),
         }
     }
 
@@ -446,7 +447,7 @@ impl Jobs {
             Ok(plugin) => plugin,
             Err(e) => return Ok(Step::Done(Err(e.to_string()))),
         };
-        let context = self.call_context(format!("delete {}", d.target_identifier), provider.id);
+        let context = self.call_context(format!("delete {}", d.target_identifier), &provider);
         let result = plugin.delete(
             context,
             &target_of(&provider, &account),
@@ -803,6 +804,7 @@ impl Jobs {
             provider: provider_id,
         }));
         context.stop = stop.clone();
+        context.hosts = plugins::provider_hosts(&target.settings);
         let identifier = match plugin.push(context, &target, &image, &name, &pi.parameters) {
             Ok(identifier) => identifier,
             Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
@@ -835,7 +837,12 @@ impl Jobs {
         if updated.is_none() {
             // Deleted while it was pushed: remove what the push made, so the cloud is not
             // left with an image nobody knows about.
-            let context = self.call_context(format!("delete {identifier}"), provider_id);
+            let mut context = CallContext::quiet(format!("delete {identifier}"));
+            context.state = Some(Box::new(ProviderState {
+                store: self.store.clone(),
+                provider: provider_id,
+            }));
+            context.hosts = plugins::provider_hosts(&target.settings);
             if let Err(e) = plugin.delete(context, &target, &identifier) {
                 tracing::error!(%identifier, "could not remove an image pushed for a deleted record: {e}");
             }
@@ -941,6 +948,7 @@ impl Jobs {
             progress,
             state: None,
             stop: Stop::new(),
+            hosts: Vec::new(),
         }
     }
 }

@@ -27,6 +27,10 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -77,6 +81,12 @@ pub enum PluginError {
     /// The plugin failed after the host refused a write past the image's size limit.
     #[error("the plugin tried to write past the image size limit of {} MiB ({limit} bytes) and gave up: {reason}", limit >> 20)]
     ImageTooLarge { limit: u64, reason: String },
+    /// The plugin failed after the host refused to let it reach a host its provider
+    /// does not name (or that the plugin did not ask for).
+    #[error(
+        "the plugin tried to reach {hosts}, which its provider does not grant (granted: {granted})"
+    )]
+    Denied { hosts: String, granted: String },
     #[error("cancelled")]
     Cancelled,
     #[error("interrupted by the server shutting down")]
@@ -220,6 +230,9 @@ pub struct CallContext {
     pub state: Option<Box<dyn StateStore>>,
     /// Stops the call when set.
     pub stop: Stop,
+    /// The authorities the call's provider names (see [`provider_hosts`]); the plugin may
+    /// reach those of them it declared in its info, and nothing else.
+    pub hosts: Vec<String>,
 }
 
 impl CallContext {
@@ -230,6 +243,7 @@ impl CallContext {
             progress: Box::new(|_, _| {}),
             state: None,
             stop: Stop::new(),
+            hosts: Vec::new(),
         }
     }
 }
@@ -245,7 +259,98 @@ struct State {
     /// The deadline and stop flag, read by the epoch callback and by waits in host calls.
     watch: sandbox::Watch,
     log: sandbox::LogBudget,
+    /// wasi:http for plugins that import it, behind the call's grants.
+    http: WasiHttpCtx,
+    grants: Grants,
     context: CallContext,
+}
+
+/// The outbound HTTP policy of one call: the authorities (`host[:port]`) the plugin may
+/// reach, and the ones it tried and was refused.
+struct Grants {
+    allowed: Vec<String>,
+    denied: Vec<String>,
+}
+
+impl WasiHttpHooks for Grants {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<WasiBody>,
+                        Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
+                    ),
+                    HttpError,
+                >,
+            > + Send,
+    > {
+        let _ = fut;
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
+        if !self.allowed.contains(&authority) {
+            // Refused before any connection is made; the job reports it by name, since
+            // the plugin itself only sees a failed request.
+            tracing::warn!(%authority, "refused a plugin's request to a host it was not granted");
+            if !self.denied.contains(&authority) {
+                self.denied.push(authority);
+            }
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.grants,
+        }
+    }
+}
+
+/// The authorities (`host[:port]`, lower case) a provider's settings name: every setting
+/// whose value is an http or https URL.
+pub fn provider_hosts(settings: &[(String, String)]) -> Vec<String> {
+    settings
+        .iter()
+        .filter_map(|(_, value)| {
+            let rest = value
+                .strip_prefix("http://")
+                .or_else(|| value.strip_prefix("https://"))?;
+            let authority = rest.split(['/', '?', '#']).next()?;
+            (!authority.is_empty()).then(|| authority.to_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// Whether a plugin's declared host pattern covers an authority: `*` covers any,
+/// `*.example.com` a subdomain, `host` any port of that host, `host:port` exactly.
+fn covers(pattern: &str, authority: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    if pattern == "*" || pattern == authority || pattern == host {
+        return true;
+    }
+    pattern
+        .strip_prefix("*.")
+        .is_some_and(|suffix| host.ends_with(&format!(".{suffix}")))
 }
 
 impl WasiView for State {
@@ -498,6 +603,16 @@ impl Plugin {
                 deadline: Instant::now() + self.limits.call_timeout,
             },
             log: sandbox::LogBudget::default(),
+            http: WasiHttpCtx::new(),
+            grants: Grants {
+                allowed: context
+                    .hosts
+                    .iter()
+                    .filter(|a| self.info.hosts.iter().any(|p| covers(p, a)))
+                    .cloned()
+                    .collect(),
+                denied: Vec::new(),
+            },
             context,
         };
         let mut store = Store::new(&self.engine, state);
@@ -530,6 +645,30 @@ impl Plugin {
 
     /// What a call that ended in an error from wasmtime means for the user: which limit
     /// stopped it, or the crash.
+    /// A failure after a refused request is the refusal's fault, whatever the plugin made
+    /// of it ("connection reset", "unavailable"): said so, with the hosts involved, so
+    /// it is not retried as a passing failure.
+    fn denied(&self, store: &Store<State>, error: PluginError) -> PluginError {
+        let grants = &store.data().grants;
+        match error {
+            PluginError::Timeout(_)
+            | PluginError::OutOfFuel(_)
+            | PluginError::OutOfMemory(_)
+            | PluginError::Cancelled
+            | PluginError::Shutdown
+            | PluginError::Host(_) => error,
+            _ if !grants.denied.is_empty() => PluginError::Denied {
+                hosts: grants.denied.join(", "),
+                granted: if grants.allowed.is_empty() {
+                    "none".into()
+                } else {
+                    grants.allowed.join(", ")
+                },
+            },
+            _ => error,
+        }
+    }
+
     fn trap(&self, error: wasmtime::Error, store: &Store<State>) -> PluginError {
         let trap = error.downcast_ref::<wasmtime::Trap>();
         if trap == Some(&wasmtime::Trap::Interrupt) {
@@ -600,7 +739,8 @@ impl Plugin {
                 parameters,
             )
             .map_err(|e| self.trap(e, &store))
-            .and_then(|answer| answer.map_err(PluginError::from));
+            .and_then(|answer| answer.map_err(PluginError::from))
+            .map_err(|e| self.denied(&store, e));
         let writer = store
             .data()
             .table
@@ -659,8 +799,9 @@ impl Plugin {
                 name,
                 parameters,
             )
-            .map_err(|e| self.trap(e, &store))?;
-        result.map_err(PluginError::from)
+            .map_err(|e| self.trap(e, &store))
+            .map_err(|e| self.denied(&store, e))?;
+        result.map_err(|e| self.denied(&store, PluginError::from(e)))
     }
 
     /// Asks the provider whether the account's credentials work.
@@ -671,7 +812,7 @@ impl Plugin {
             .conductor_provider_provider()
             .call_check_account(&mut store, &provider, &account)
             .map_err(|e| self.trap(e, &store))?
-            .map_err(PluginError::from)
+            .map_err(|e| self.denied(&store, PluginError::from(e)))
     }
 }
 
@@ -697,7 +838,7 @@ impl Plugin {
             .conductor_provider_provider()
             .call_delete(&mut store, &provider, &account, identifier)
             .map_err(|e| self.trap(e, &store))?
-            .map_err(PluginError::from)
+            .map_err(|e| self.denied(&store, PluginError::from(e)))
     }
 
     /// Finds an existing image on the provider.
@@ -713,7 +854,7 @@ impl Plugin {
             .conductor_provider_provider()
             .call_lookup(&mut store, &provider, &account, identifier)
             .map_err(|e| self.trap(e, &store))?
-            .map_err(PluginError::from)?;
+            .map_err(|e| self.denied(&store, PluginError::from(e)))?;
         Ok(ImageDetails {
             target_identifier: details.target_identifier,
             name: details.name,
@@ -814,6 +955,8 @@ impl Plugins {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Engine(e.to_string()))?;
         sandbox::add_interruptible_waits(&mut linker)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Engine(e.to_string()))?;
         bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
             .map_err(|e| LoadError::Engine(e.to_string()))?;

@@ -1,6 +1,8 @@
-//! `reach`: a plugin that tries to reach a host it was not granted, by importing
-//! wasi:http's outgoing handler. The server offers plugins no wasi:http yet, so it must
-//! refuse this component when it loads, say why, and go on serving.
+//! `reach`: a plugin that makes outgoing HTTP requests through wasi:http, for the tests
+//! of the server's grants. It declares loopback (`127.0.0.1`, any port) as the hosts it
+//! wants; a call reaches its provider's `url` setting when the provider names one, and
+//! otherwise tries 127.0.0.1:9, which no provider grants. Builds have no provider, so a
+//! build's request is always refused.
 
 wit_bindgen::generate!({
     path: "../../../wit",
@@ -17,22 +19,37 @@ struct Reach;
 
 export!(Reach);
 
-/// Sends a request to the cloud metadata address, a host nobody granted. Calling it
-/// from the exports keeps the import of wasi:http/outgoing-handler in the component.
-fn phone_home() -> Result<(), Error> {
+/// Where a call sends its request: the provider's `url` authority, or a loopback port
+/// nobody grants.
+fn aim(provider: Option<&Provider>) -> String {
+    provider
+        .and_then(|p| p.settings.iter().find(|(k, _)| k == "url"))
+        .and_then(|(_, url)| url.strip_prefix("http://"))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("127.0.0.1:9")
+        .to_owned()
+}
+
+/// Sends a GET and waits for the answer's head.
+fn phone_home(authority: &str) -> Result<(), Error> {
     use wasip2::http::outgoing_handler;
     use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
     let request = OutgoingRequest::new(Fields::new());
     let aimed = request
         .set_scheme(Some(&Scheme::Http))
-        .and(request.set_authority(Some("169.254.169.254")))
-        .and(request.set_path_with_query(Some("/latest/meta-data/")));
+        .and(request.set_authority(Some(authority)))
+        .and(request.set_path_with_query(Some("/reach")));
     if aimed.is_err() {
         return Err(Error::Failed("could not address the request".into()));
     }
-    outgoing_handler::handle(request, None)
-        .map(drop)
-        .map_err(|e| Error::Unavailable(format!("{e:?}")))
+    let response = outgoing_handler::handle(request, None)
+        .map_err(|e| Error::Unavailable(format!("{e:?}")))?;
+    response.subscribe().block();
+    match response.get() {
+        Some(Ok(Ok(_))) => Ok(()),
+        Some(Ok(Err(e))) => Err(Error::Unavailable(format!("{e:?}"))),
+        _ => Err(Error::Unavailable("no response".into())),
+    }
 }
 
 impl Guest for Reach {
@@ -44,13 +61,12 @@ impl Guest for Reach {
             credentials: Vec::new(),
             settings: Vec::new(),
             format: DiskFormat::Raw,
-            // It asks for nothing, and reaches out all the same.
-            hosts: Vec::new(),
+            hosts: vec!["127.0.0.1".into()],
         }
     }
 
-    fn check_account(_provider: Provider, _account: Account) -> Result<(), Error> {
-        phone_home()
+    fn check_account(provider: Provider, _account: Account) -> Result<(), Error> {
+        phone_home(&aim(Some(&provider)))
     }
 
     fn build(
@@ -59,7 +75,7 @@ impl Guest for Reach {
         _output: &DiskWriter,
         _parameters: Vec<(String, String)>,
     ) -> Result<BuildOutput, Error> {
-        phone_home()?;
+        phone_home(&aim(None))?;
         Err(Error::Failed("reach builds nothing".into()))
     }
 
@@ -70,12 +86,12 @@ impl Guest for Reach {
         _name: String,
         _parameters: Vec<(String, String)>,
     ) -> Result<String, Error> {
-        phone_home()?;
+        phone_home(&aim(None))?;
         Err(Error::Failed("reach pushes nothing".into()))
     }
 
-    fn delete(_provider: Provider, _account: Account, _id: String) -> Result<(), Error> {
-        phone_home()
+    fn delete(provider: Provider, _account: Account, _id: String) -> Result<(), Error> {
+        phone_home(&aim(Some(&provider)))
     }
 
     fn lookup(
@@ -83,7 +99,7 @@ impl Guest for Reach {
         _account: Account,
         target_identifier: String,
     ) -> Result<ImageDetails, Error> {
-        phone_home()?;
+        phone_home(&aim(None))?;
         Err(Error::NotFound(format!(
             "no reach image {target_identifier}"
         )))
