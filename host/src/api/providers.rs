@@ -304,14 +304,30 @@ pub async fn delete(
     user.require_admin()?;
     let provider = find_provider(&state, &id).await?;
     let key = provider.id;
-    let in_use = blocking(&state, move |store| {
+    delete_unless_pushed(
+        &state,
+        move |pi| pi.provider_id == key,
+        move |store| store.delete_provider(key),
+    )
+    .await
+}
+
+/// Deletes a provider or account with `delete`, unless provider images that `uses`
+/// picks out still exist: those are named in a 409, since deleting what made them
+/// would leave them on the cloud with no way to remove them.
+async fn delete_unless_pushed(
+    state: &Shared,
+    uses: impl Fn(&crate::model::ProviderImage) -> bool + Send + 'static,
+    delete: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::StoreError> + Send + 'static,
+) -> ApiResult {
+    let in_use = blocking(state, move |store| {
         let images: Vec<_> = store
             .provider_images(None)?
             .into_iter()
-            .filter(|pi| pi.provider_id == key)
+            .filter(|pi| uses(pi))
             .collect();
         if images.is_empty() {
-            store.delete_provider(key)?;
+            delete(store)?;
         }
         Ok(images)
     })
@@ -735,25 +751,12 @@ pub async fn delete_account(
         return Err(super::forbidden());
     }
     let key = account.id;
-    let in_use = blocking(&state, move |store| {
-        let images: Vec<_> = store
-            .provider_images(None)?
-            .into_iter()
-            .filter(|pi| pi.account_id == key)
-            .collect();
-        if images.is_empty() {
-            store.delete_account(key)?;
-        }
-        Ok(images)
-    })
-    .await?;
-    if !in_use.is_empty() {
-        return Err(ApiError::in_use(format!(
-            "There are following associated provider images: {}. Delete them first.",
-            images_in_use(&in_use)
-        )));
-    }
-    Ok(no_content())
+    delete_unless_pushed(
+        &state,
+        move |pi| pi.account_id == key,
+        move |store| store.delete_account(key),
+    )
+    .await
 }
 
 /// `POST /api/provider_types/rescan` (administrators): loads every plugin in the

@@ -690,26 +690,11 @@ impl Jobs {
 
         let built = match result {
             Ok(built) => built,
-            Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
-                let pause = backoff(job.attempts);
-                self.set_ti(ti.id, |ti| {
-                    ti.progress.activity = format!(
-                        "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
-                        pause.as_secs(),
-                        job.attempts
-                    );
-                })?;
-                return Ok(Step::Retry(pause));
+            Err(e) => {
+                return on_plugin_error(job, e, |change| {
+                    self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
+                });
             }
-            Err(PluginError::Cancelled) => {
-                self.set_ti(ti.id, |ti| cancelled(&mut ti.progress))?;
-                return Ok(Step::Done(Err("cancelled".into())));
-            }
-            Err(PluginError::Shutdown) => {
-                self.set_ti(ti.id, |ti| suspended(&mut ti.progress))?;
-                return Ok(Step::Suspend);
-            }
-            Err(e) => return failed(describe(&e)),
         };
         self.set_ti(ti.id, |ti| {
             ti.progress.activity = "storing the image".into();
@@ -807,26 +792,11 @@ impl Jobs {
         context.hosts = plugins::provider_hosts(&target.settings);
         let identifier = match plugin.push(context, &target, &image, &name, &pi.parameters) {
             Ok(identifier) => identifier,
-            Err(PluginError::Unavailable(reason)) if job.attempts < MAX_ATTEMPTS => {
-                let pause = backoff(job.attempts);
-                self.set_pi(pi.id, |pi| {
-                    pi.progress.activity = format!(
-                        "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
-                        pause.as_secs(),
-                        job.attempts
-                    );
-                })?;
-                return Ok(Step::Retry(pause));
+            Err(e) => {
+                return on_plugin_error(job, e, |change| {
+                    self.set_pi(pi.id, |pi| change(&mut pi.progress)).map(drop)
+                });
             }
-            Err(PluginError::Cancelled) => {
-                self.set_pi(pi.id, |pi| cancelled(&mut pi.progress))?;
-                return Ok(Step::Done(Err("cancelled".into())));
-            }
-            Err(PluginError::Shutdown) => {
-                self.set_pi(pi.id, |pi| suspended(&mut pi.progress))?;
-                return Ok(Step::Suspend);
-            }
-            Err(e) => return failed(describe(&e)),
         };
         let updated = self.set_pi(pi.id, |pi| {
             pi.progress.status = Status::Complete;
@@ -991,6 +961,41 @@ impl StateStore for ProviderState {
         self.store
             .plugin_state_keys(self.provider, prefix, limit)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// What a build or push does when its plugin call failed: a passing failure is retried
+/// after a pause (while attempts remain), a cancel or a shutdown is recorded as such, and
+/// anything else fails the job with its reason. `set` changes the record's progress.
+fn on_plugin_error(
+    job: &Job,
+    error: PluginError,
+    set: impl Fn(&dyn Fn(&mut model::Progress)) -> Result<(), StoreError>,
+) -> Result<Step, JobError> {
+    match error {
+        PluginError::Unavailable(reason) if job.attempts < MAX_ATTEMPTS => {
+            let pause = backoff(job.attempts);
+            let activity = format!(
+                "unavailable: {reason}; retrying in {} s (attempt {} of {MAX_ATTEMPTS})",
+                pause.as_secs(),
+                job.attempts
+            );
+            set(&|progress| progress.activity = activity.clone())?;
+            Ok(Step::Retry(pause))
+        }
+        PluginError::Cancelled => {
+            set(&cancelled)?;
+            Ok(Step::Done(Err("cancelled".into())))
+        }
+        PluginError::Shutdown => {
+            set(&suspended)?;
+            Ok(Step::Suspend)
+        }
+        other => {
+            let reason = describe(&other);
+            set(&|progress| fail(progress, reason.clone()))?;
+            Ok(Step::Done(Err(reason)))
+        }
     }
 }
 
