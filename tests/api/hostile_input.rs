@@ -719,3 +719,41 @@ async fn hook_uris_with_control_characters_are_refused() {
         listed.body
     );
 }
+
+/// Values are capped at 16 Ki characters on the routes that store them: a description or
+/// a credential that size is a flood, not a value.
+#[tokio::test]
+async fn overlong_values_are_refused_and_store_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let before = everything(&server).await;
+    let long = "x".repeat(20_000);
+    let reply = server
+        .post(
+            "/api/pool_families",
+            &format!("<pool_family><name>ok</name><description>{long}</description></pool_family>"),
+        )
+        .await;
+    assert_eq!(reply.status, 422, "{}", reply.body);
+    assert!(
+        reply.body.contains("&lt;description&gt; is longer than"),
+        "{}",
+        reply.body
+    );
+    let reply = server
+        .post(
+            "/api/images",
+            &crate::harness::build_request(
+                "mock",
+                &template("long"),
+                &format!("<parameters><parameter name='x'>{long}</parameter></parameters>"),
+            ),
+        )
+        .await;
+    reply.assert_error(400, "ParameterDataIncorrect");
+    assert_eq!(
+        everything(&server).await,
+        before,
+        "a refused request changed something"
+    );
+}

@@ -365,7 +365,17 @@ pub(super) fn parameters(request: &Element) -> Result<Vec<(String, String)>, Api
                 "at most 64 parameters are accepted",
             ));
         }
-        pairs.push((name.to_owned(), p.text().trim().to_owned()));
+        let value = p.text().trim().to_owned();
+        if name.len() > 256 || value.chars().count() > super::MAX_VALUE {
+            return Err(ApiError::bad_request(
+                "ParameterDataIncorrect",
+                format!(
+                    "parameter names are at most 256 bytes and values at most {} characters",
+                    super::MAX_VALUE
+                ),
+            ));
+        }
+        pairs.push((name.to_owned(), value));
     }
     Ok(pairs)
 }

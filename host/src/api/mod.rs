@@ -224,7 +224,29 @@ pub fn parse_body(body: &[u8], root: &str) -> ApiResult<xml::Element> {
             element.name
         )]));
     }
+    if let Some(name) = overlong(&element) {
+        return Err(ApiError::validation(vec![format!(
+            "<{name}> is longer than the {MAX_VALUE} characters a value may have"
+        )]));
+    }
     Ok(element)
+}
+
+/// The longest value (text or attribute) a provider, account, environment or user field
+/// may hold: an x509 key fits several times over, a flood does not.
+pub const MAX_VALUE: usize = 16 << 10;
+
+/// The name of the first element whose text or an attribute is longer than [`MAX_VALUE`].
+fn overlong(element: &xml::Element) -> Option<String> {
+    let too_long = element.text().chars().count() > MAX_VALUE
+        || element
+            .attributes
+            .iter()
+            .any(|(_, v)| v.chars().count() > MAX_VALUE);
+    if too_long {
+        return Some(element.name.clone());
+    }
+    element.elements().find_map(overlong)
 }
 
 /// Parses an id from a path. Anything that is not a UUID is simply an id nothing has.
