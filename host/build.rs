@@ -39,6 +39,8 @@ fn main() {
         root.join("Cargo.lock").display()
     );
 
+    ensure_wasm_target();
+
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
@@ -106,6 +108,40 @@ fn main() {
         "cargo:rustc-env=CONDUCTOR_TEST_PLUGINS={}",
         test_dir.display()
     );
+}
+
+/// rust-toolchain.toml names the wasm32-wasip2 target, but a rustup that does not
+/// install on its own (RUSTUP_AUTO_INSTALL=0) leaves it out; add it here, once, so the
+/// README's commands need no manual rustup step.
+fn ensure_wasm_target() {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let installed = Command::new(&rustc)
+        .args(["--print", "target-libdir", "--target", "wasm32-wasip2"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .is_some_and(|dir| has_rlibs(&dir));
+    if installed {
+        return;
+    }
+    let status = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        _ => println!(
+            "cargo:warning=could not add the wasm32-wasip2 target; run `rustup target add wasm32-wasip2`"
+        ),
+    }
+}
+
+fn has_rlibs(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
+    })
 }
 
 fn rerun_if_changed_tree(dir: &Path) {

@@ -12,6 +12,13 @@ if ! command -v qemu-img >/dev/null; then
   apt-get update -qq && apt-get install -y -qq qemu-utils
 fi
 
+# The plugins are built for wasm32-wasip2. rust-toolchain.toml names the target, but a
+# rustup told not to install on its own leaves it out.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  echo "== adding the wasm32-wasip2 target"
+  rustup target add wasm32-wasip2
+fi
+
 echo "== formatting"
 cargo fmt --all --check
 

@@ -119,28 +119,36 @@ fn main() {
     let ids: Vec<String> = (0..IMAGES).map(|n| format!("seed-{n}")).collect();
     let seeded = Instant::now();
     let image_ids: Vec<String> = runtime.block_on(async {
-        let provider = format!(
-            "<provider><name>seed</name><provider_type id='mock'/><settings><setting name='images'>{}</setting></settings></provider>",
-            ids.join(",")
-        );
-        let p = client.post(format!("{url}/api/providers")).basic_auth("admin", Some(PASSWORD)).body(provider).send().await.expect("provider");
-        assert_eq!(p.status().as_u16(), 201);
-        let a = client
-            .post(format!("{url}/api/providers/2/provider_accounts"))
-            .basic_auth("admin", Some(PASSWORD))
-            .body("<provider_account><label>seed-acc</label><credentials><username>u</username><password>p</password></credentials></provider_account>")
-            .send()
-            .await
-            .expect("account");
-        assert_eq!(a.status().as_u16(), 201);
+        // Ten providers hold a thousand images each: a provider's settings value is
+        // capped at 16 Ki characters, as any stored value is.
+        for k in 0..10 {
+            let held: Vec<&str> = ids.iter().skip(k).step_by(10).map(String::as_str).collect();
+            let provider = format!(
+                "<provider><name>seed{k}</name><provider_type id='mock'/><settings><setting name='images'>{}</setting></settings></provider>",
+                held.join(",")
+            );
+            let p = client.post(format!("{url}/api/providers")).basic_auth("admin", Some(PASSWORD)).body(provider).send().await.expect("provider");
+            assert_eq!(p.status().as_u16(), 201);
+            let text = p.text().await.expect("body");
+            let pid = text.split("id=\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("").to_owned();
+            let a = client
+                .post(format!("{url}/api/providers/{pid}/provider_accounts"))
+                .basic_auth("admin", Some(PASSWORD))
+                .body(format!("<provider_account><label>seed{k}-acc</label><credentials><username>u</username><password>p</password></credentials></provider_account>"))
+                .send()
+                .await
+                .expect("account");
+            assert_eq!(a.status().as_u16(), 201);
+        }
         let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
         let mut tasks = Vec::new();
-        for id in &ids {
+        for (n, id) in ids.iter().enumerate() {
             let (client, url, id) = (client.clone(), url.clone(), id.clone());
+            let account = format!("seed{}-acc", n % 10);
             let permit = semaphore.clone().acquire_owned().await.expect("permit");
             tasks.push(tokio::spawn(async move {
                 let body = format!(
-                    "<image><target_identifier>{id}</target_identifier><image_descriptor><image><name>{id}</name></image></image_descriptor><provider_account_name>seed-acc</provider_account_name><environment>default</environment></image>"
+                    "<image><target_identifier>{id}</target_identifier><image_descriptor><image><name>{id}</name></image></image_descriptor><provider_account_name>{account}</provider_account_name><environment>default</environment></image>"
                 );
                 let reply = client.post(format!("{url}/api/images")).basic_auth("admin", Some(PASSWORD)).body(body).send().await.expect("import");
                 assert_eq!(reply.status().as_u16(), 200);
