@@ -88,7 +88,7 @@ pub async fn show(
 // ---- pool families: environments as Conductor's UI routes manage them (§11.4) ----
 
 use super::{CurrentUser, field, no_content, parse_body, xml_created};
-use crate::model::{DEFAULT_ENVIRONMENT, name_problem};
+use crate::model::{DEFAULT_ENVIRONMENT, new_name_problem};
 use axum::Extension;
 use axum::body::Bytes;
 use axum::http::StatusCode;
@@ -193,11 +193,9 @@ fn apply_family(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some(name) = field(body, "name").or_else(|| creating.then(String::new)) {
-        match name_problem(&name) {
-            Some(problem) => problems.push(format!("Name {problem}")),
-            None if existing.iter().any(|e| e.name == name && e.id != env.id) => {
-                problems.push("Name has already been taken".into())
-            }
+        let taken = existing.iter().any(|e| e.name == name && e.id != env.id);
+        match new_name_problem("Name", &name, taken) {
+            Some(problem) => problems.push(problem),
             None if env.name == DEFAULT_ENVIRONMENT && name != env.name && !creating => {
                 problems.push("The default environment cannot be renamed".into())
             }

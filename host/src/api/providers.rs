@@ -10,7 +10,7 @@ use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, field, no_content, parse_body,
     xml_created, xml_ok,
 };
-use crate::model::{Account, Action, DEFAULT_ENVIRONMENT, Provider, name_problem};
+use crate::model::{Account, Action, DEFAULT_ENVIRONMENT, Provider, new_name_problem};
 use crate::plugins::{Info, PluginError};
 use axum::Extension;
 use axum::body::Bytes;
@@ -164,14 +164,11 @@ fn apply_provider(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some(name) = field(body, "name").or_else(|| creating.then(String::new)) {
-        match name_problem(&name) {
-            Some(problem) => problems.push(format!("Provider name {problem}")),
-            None if existing
-                .iter()
-                .any(|p| p.name == name && p.id != provider.id) =>
-            {
-                problems.push("Provider name has already been taken".into())
-            }
+        let taken = existing
+            .iter()
+            .any(|p| p.name == name && p.id != provider.id);
+        match new_name_problem("Provider name", &name, taken) {
+            Some(problem) => problems.push(problem),
             None => provider.name = name,
         }
     }
@@ -509,14 +506,11 @@ fn apply_account(
         .or_else(|| field(body, "name"))
         .or_else(|| creating.then(String::new))
     {
-        match name_problem(&label) {
-            Some(problem) => problems.push(format!("Label {problem}")),
-            None if existing
-                .iter()
-                .any(|a| a.label == label && a.id != account.id) =>
-            {
-                problems.push("Label has already been taken".into())
-            }
+        let taken = existing
+            .iter()
+            .any(|a| a.label == label && a.id != account.id);
+        match new_name_problem("Label", &label, taken) {
+            Some(problem) => problems.push(problem),
             None => account.label = label,
         }
     }

@@ -5,7 +5,7 @@
 use super::xml::{Doc, Element};
 use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, field, parse_body};
 use crate::auth;
-use crate::model::{Environment, Role, User, name_problem};
+use crate::model::{Environment, Role, User, new_name_problem};
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -153,13 +153,8 @@ pub async fn create(
         blocking(&state, |store| Ok((store.users()?, store.environments()?))).await?;
     let name = field(&body, "name").unwrap_or_default();
     let mut problems = Vec::new();
-    match name_problem(&name) {
-        Some(problem) => problems.push(format!("Name {problem}")),
-        None if users.iter().any(|u| u.name == name) => {
-            problems.push("Name has already been taken".into())
-        }
-        None => {}
-    }
+    let taken = users.iter().any(|u| u.name == name);
+    problems.extend(new_name_problem("Name", &name, taken));
     let mut user = User {
         name,
         password_hash: String::new(),

@@ -346,6 +346,17 @@ pub enum JobKind {
     Delete,
 }
 
+/// The validation message for a new name of a record, called `what` in messages
+/// ("Provider name", "Label"): Conductor's naming rules, then uniqueness (`taken`).
+/// `None` when the name is acceptable.
+pub fn new_name_problem(what: &str, name: &str, taken: bool) -> Option<String> {
+    match name_problem(name) {
+        Some(problem) => Some(format!("{what} {problem}")),
+        None if taken => Some(format!("{what} has already been taken")),
+        None => None,
+    }
+}
+
 /// Names of environments, providers and accounts: Conductor's `^[\w -]*$`, 1 to 100
 /// characters. `None` when acceptable, else the problem.
 pub fn name_problem(name: &str) -> Option<&'static str> {
