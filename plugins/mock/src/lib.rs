@@ -21,34 +21,22 @@
 //! `image/<identifier>`, so `delete` really removes them and `lookup` (import) finds only
 //! images that exist.
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "plugin",
-});
-
-use conductor::provider::host::{self, DiskReader, DiskWriter, Level};
-use conductor::provider::types::{
+use conductor_plugin_sdk as sdk;
+use sdk::guest::host::{self, DiskReader, DiskWriter, Level};
+use sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk as sdk;
-use exports::conductor::provider::provider::Guest;
+use sdk::guest::{Guest, lookup as param};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 struct Mock;
 
-export!(Mock);
+sdk::guest::export_provider!(Mock);
 
 /// Largest read the plugin asks for at once: big enough to keep the host boundary cheap,
 /// small enough to keep the plugin's memory low.
 const CHUNK: u64 = 4 << 20;
-
-fn param<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    parameters
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
-}
 
 /// Honours `fail=<stage>` and `fail=trap` for the stage about to run.
 fn injected_failure(parameters: &[(String, String)], stage: &str) -> Result<(), Error> {
@@ -102,53 +90,6 @@ fn finish_steps(parameters: &[(String, String)], verb: &str) {
     for step in 1..=10u8 {
         pause(parameters);
         host::progress(90 + step - 1, &format!("{verb}: finishing"));
-    }
-}
-
-/// The host's disk reader as the SDK's source.
-struct HostSource<'a>(&'a DiskReader);
-
-impl sdk::Source for HostSource<'_> {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn extents(&self) -> Result<Vec<(u64, u64)>, sdk::Error> {
-        self.0
-            .extents()
-            .map(|runs| runs.iter().map(|e| (e.offset, e.length)).collect())
-            .map_err(|e| sdk::Error(describe(&e)))
-    }
-
-    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, sdk::Error> {
-        self.0
-            .read(offset, len)
-            .map_err(|e| sdk::Error(describe(&e)))
-    }
-}
-
-/// The host's disk writer as the SDK's sink.
-struct HostSink<'a>(&'a DiskWriter);
-
-impl sdk::Sink for HostSink<'_> {
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), sdk::Error> {
-        self.0
-            .write(offset, data)
-            .map_err(|e| sdk::Error(describe(&e)))
-    }
-
-    fn set_size(&mut self, size: u64) -> Result<(), sdk::Error> {
-        self.0.set_size(size).map_err(|e| sdk::Error(describe(&e)))
-    }
-}
-
-fn describe(error: &Error) -> String {
-    match error {
-        Error::InvalidInput(m)
-        | Error::BadCredentials(m)
-        | Error::NotFound(m)
-        | Error::Unavailable(m)
-        | Error::Failed(m) => m.clone(),
     }
 }
 
@@ -232,21 +173,7 @@ impl Guest for Mock {
                 )));
             }
         };
-        host::progress(0, "writing the image from the base disk");
-        let mut last = 0u8;
-        sdk::write_image(
-            format,
-            &HostSource(base),
-            &mut HostSink(output),
-            &mut |done, total| {
-                let percent = (done * 90 / total.max(1)) as u8;
-                if percent != last {
-                    last = percent;
-                    host::progress(percent, &format!("written {done} of {total} bytes"));
-                }
-            },
-        )
-        .map_err(|e| Error::Failed(format!("writing the {wit_format:?} image: {e}")))?;
+        sdk::guest::write_disk(format, base, output, 90)?;
         finish_steps(&parameters, "written");
         host::progress(100, "build complete");
         Ok(BuildOutput {

@@ -10,6 +10,10 @@
 
 use std::fmt;
 
+#[cfg(feature = "guest")]
+pub mod guest;
+#[cfg(feature = "http")]
+pub mod http;
 mod qcow2;
 mod raw;
 mod vmdk;
@@ -93,7 +97,7 @@ pub(crate) const CHUNK: u64 = 4 << 20;
 /// The bytes are OR-ed together 256 at a time as u128 words, which the compiler turns into
 /// vector instructions, and the scan stops at the first block that is not zero: random data
 /// is rejected after one block, zeros are checked at memory speed.
-pub(crate) fn is_zero(data: &[u8]) -> bool {
+pub fn is_zero(data: &[u8]) -> bool {
     let (words, rest) = data.as_chunks::<16>();
     words.chunks(16).all(|block| {
         block
@@ -107,7 +111,7 @@ pub(crate) fn is_zero(data: &[u8]) -> bool {
 ///
 /// A host that breaks the contract (extents out of order or overlapping) gets an error
 /// rather than a silently wrong image.
-fn clean_extents(source: &dyn Source) -> Result<Vec<(u64, u64)>, Error> {
+pub fn clean_extents(source: &dyn Source) -> Result<Vec<(u64, u64)>, Error> {
     let size = source.size();
     let mut clean: Vec<(u64, u64)> = Vec::new();
     let mut previous_end = 0;

@@ -1,0 +1,123 @@
+//! The plugin side of `wit/provider.wit`: the generated bindings of the `plugin` world and
+//! the glue every plugin would otherwise write again: the host's disk resources as the
+//! image writers' [`Source`](crate::Source) and [`Sink`](crate::Sink), parameter and
+//! setting lookups, and error messages.
+//!
+//! A plugin implements [`Guest`] and exports it with [`export_provider!`]:
+//!
+//! ```ignore
+//! use conductor_plugin_sdk::guest::{Guest, types::*, host::*};
+//! struct MyCloud;
+//! impl Guest for MyCloud { /* info, check_account, build, push, delete, lookup */ }
+//! conductor_plugin_sdk::guest::export_provider!(MyCloud);
+//! ```
+
+/// The generated bindings. `export_provider!` refers to them by this path.
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_provider",
+        default_bindings_module: "conductor_plugin_sdk::guest::bindings",
+    });
+}
+
+pub use bindings::conductor::provider::{host, types};
+/// Exports a [`Guest`] implementation as the plugin's `provider` interface.
+pub use bindings::export_provider;
+pub use bindings::exports::conductor::provider::provider::Guest;
+
+use host::{DiskReader, DiskWriter};
+use types::Error;
+
+/// The value of the pair named `name` in a list of parameters, settings or credentials.
+pub fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+impl Error {
+    /// The message, whatever the kind of failure.
+    pub fn message(&self) -> &str {
+        match self {
+            Error::InvalidInput(m)
+            | Error::BadCredentials(m)
+            | Error::NotFound(m)
+            | Error::Unavailable(m)
+            | Error::Failed(m) => m,
+        }
+    }
+}
+
+impl From<crate::Error> for Error {
+    fn from(error: crate::Error) -> Self {
+        Error::Failed(error.0)
+    }
+}
+
+/// The host's disk reader as the image writers' source.
+pub struct HostSource<'a>(pub &'a DiskReader);
+
+impl crate::Source for HostSource<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn extents(&self) -> Result<Vec<(u64, u64)>, crate::Error> {
+        self.0
+            .extents()
+            .map(|runs| runs.iter().map(|e| (e.offset, e.length)).collect())
+            .map_err(|e| crate::Error(e.message().to_owned()))
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, crate::Error> {
+        self.0
+            .read(offset, len)
+            .map_err(|e| crate::Error(e.message().to_owned()))
+    }
+}
+
+/// The host's disk writer as the image writers' sink.
+pub struct HostSink<'a>(pub &'a DiskWriter);
+
+impl crate::Sink for HostSink<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), crate::Error> {
+        self.0
+            .write(offset, data)
+            .map_err(|e| crate::Error(e.message().to_owned()))
+    }
+
+    fn set_size(&mut self, size: u64) -> Result<(), crate::Error> {
+        self.0
+            .set_size(size)
+            .map_err(|e| crate::Error(e.message().to_owned()))
+    }
+}
+
+/// Writes `base` into `output` in `format`, reporting progress from 0 to `up_to` percent:
+/// the whole of a build for targets that take the disk as it is.
+pub fn write_disk(
+    format: crate::Format,
+    base: &DiskReader,
+    output: &DiskWriter,
+    up_to: u8,
+) -> Result<u64, Error> {
+    host::progress(0, "writing the image from the base disk");
+    let mut last = 0u8;
+    crate::write_image(
+        format,
+        &HostSource(base),
+        &mut HostSink(output),
+        &mut |done, total| {
+            let percent = (done * u64::from(up_to) / total.max(1)) as u8;
+            if percent != last {
+                last = percent;
+                host::progress(percent, &format!("written {done} of {total} bytes"));
+            }
+        },
+    )
+    .map_err(|e| Error::Failed(format!("writing the {format:?} image: {e}")))
+}
