@@ -175,8 +175,8 @@ async fn shutdown_signal() {
 }
 
 /// First start with an empty data directory: the `default` environment, the admin user,
-/// and for each loaded provider type a provider and an account to start with, so a
-/// fresh server can build and push at once.
+/// and for each loaded provider type that reaches no cloud (`mock`) a provider and an
+/// account to start with, so a fresh server can build and push at once.
 fn bootstrap(store: &Store, plugins: &Plugins, config: &Config) -> anyhow::Result<()> {
     if store.user("admin")?.is_none() {
         let (password, generated) = match &config.admin_password {
@@ -201,7 +201,13 @@ fn bootstrap(store: &Store, plugins: &Plugins, config: &Config) -> anyhow::Resul
     }
     if store.environments()?.is_empty() {
         let env = store.create_environment(DEFAULT_ENVIRONMENT, "default environment")?;
-        for plugin in plugins.all() {
+        // Only types that reach no cloud get one: a provider of a real cloud needs its
+        // region or endpoint and an account its keys, which only an operator can give.
+        for plugin in plugins
+            .all()
+            .into_iter()
+            .filter(|p| p.info.hosts.is_empty())
+        {
             let target = &plugin.info.target;
             let provider = store.create_provider(Provider {
                 id: 0,

@@ -155,6 +155,16 @@ impl Server {
         .await
     }
 
+    pub async fn put(&self, path: &str, body: &str) -> Reply {
+        self.send(
+            self.request(reqwest::Method::PUT, path)
+                .basic_auth("admin", Some(&self.password))
+                .header("Content-Type", "application/xml")
+                .body(body.to_owned()),
+        )
+        .await
+    }
+
     pub async fn delete(&self, path: &str) -> Reply {
         self.send(
             self.request(reqwest::Method::DELETE, path)

@@ -1,19 +1,7 @@
 //! Providers, accounts, environments (pool families), import, and deletes that reach
 //! the provider.
 
-use crate::harness::{PASSWORD, Reply, Server, build_request, template};
-
-async fn put(server: &Server, path: &str, body: &str) -> Reply {
-    server
-        .raw(
-            server
-                .request(reqwest::Method::PUT, path)
-                .basic_auth("admin", Some(PASSWORD))
-                .header("Content-Type", "application/xml")
-                .body(body.to_owned()),
-        )
-        .await
-}
+use crate::harness::{Reply, Server, build_request, template};
 
 /// The `<message>`s of a 422 `<errors>` reply.
 fn problems(reply: &Reply) -> Vec<String> {
@@ -90,21 +78,21 @@ async fn providers_are_created_validated_updated_and_deleted() {
     let reply = server.post("/api/providers", "not xml").await;
     assert_eq!(reply.status, 422);
 
-    let updated = put(
-        &server,
-        &format!("/api/providers/{id}.xml"),
-        "<provider><name>mock-renamed</name></provider>",
-    )
-    .await;
+    let updated = server
+        .put(
+            &format!("/api/providers/{id}.xml"),
+            "<provider><name>mock-renamed</name></provider>",
+        )
+        .await;
     assert_eq!(updated.status, 200, "{}", updated.body);
     assert_eq!(updated.text("name"), "mock-renamed");
     assert_eq!(updated.text("url"), "http://localhost:3002/api");
-    let refused = put(
-        &server,
-        &format!("/api/providers/{id}"),
-        "<provider><provider_type id='testbed'/></provider>",
-    )
-    .await;
+    let refused = server
+        .put(
+            &format!("/api/providers/{id}"),
+            "<provider><provider_type id='testbed'/></provider>",
+        )
+        .await;
     assert_eq!(problems(&refused), ["Provider type cannot be changed"]);
 
     let listed = server.get("/api/providers.xml").await;
@@ -129,7 +117,8 @@ async fn providers_are_created_validated_updated_and_deleted() {
         .get(&format!("/api/providers/{id}"))
         .await
         .assert_error(404, "RecordNotFound");
-    put(&server, "/api/providers/99", "<provider/>")
+    server
+        .put("/api/providers/99", "<provider/>")
         .await
         .assert_error(404, "RecordNotFound");
     server
@@ -214,12 +203,12 @@ async fn accounts_need_the_types_credentials_and_the_plugins_approval() {
     );
 
     // An update changes what it names and keeps the rest.
-    let updated = put(&server, &format!("/api/provider_accounts/{id}"), "<provider_account><credentials><password>p2</password></credentials><priority>5</priority></provider_account>").await;
+    let updated = server.put(&format!("/api/provider_accounts/{id}"), "<provider_account><credentials><password>p2</password></credentials><priority>5</priority></provider_account>").await;
     assert_eq!(updated.status, 200, "{}", updated.body);
     assert_eq!(updated.text("username"), "u");
     assert_eq!(updated.text("password"), "p2");
     assert_eq!(updated.text("priority"), "5");
-    let refused = put(&server, &format!("/api/provider_accounts/{id}"), "<provider_account><credentials><password>invalid</password></credentials></provider_account>").await;
+    let refused = server.put(&format!("/api/provider_accounts/{id}"), "<provider_account><credentials><password>invalid</password></credentials></provider_account>").await;
     assert_eq!(problems(&refused).len(), 1);
     assert_eq!(
         server
@@ -303,23 +292,20 @@ async fn environments_scope_builds_pushes_and_imports() {
         404
     );
     assert_eq!(
-        put(
-            &server,
-            &format!("/api/pool_families/{env}/provider_accounts/1.xml"),
-            ""
-        )
-        .await
-        .status,
+        server
+            .put(
+                &format!("/api/pool_families/{env}/provider_accounts/1.xml"),
+                ""
+            )
+            .await
+            .status,
         204
     );
     assert_eq!(
-        put(
-            &server,
-            &format!("/api/pool_families/{env}/provider_accounts/1"),
-            ""
-        )
-        .await
-        .status,
+        server
+            .put(&format!("/api/pool_families/{env}/provider_accounts/1"), "")
+            .await
+            .status,
         204
     );
     assert_eq!(
@@ -336,13 +322,13 @@ async fn environments_scope_builds_pushes_and_imports() {
             .ids("provider_account"),
         ["1"]
     );
-    put(
-        &server,
-        &format!("/api/pool_families/{env}/provider_accounts/99"),
-        "",
-    )
-    .await
-    .assert_error(404, "RecordNotFound");
+    server
+        .put(
+            &format!("/api/pool_families/{env}/provider_accounts/99"),
+            "",
+        )
+        .await
+        .assert_error(404, "RecordNotFound");
 
     let built = server.post("/api/images", &body).await;
     assert_eq!(built.status, 200, "{}", built.body);
@@ -398,13 +384,13 @@ async fn environments_scope_builds_pushes_and_imports() {
         200
     );
     assert_eq!(
-        put(
-            &server,
-            &format!("/api/pool_families/{env}"),
-            "<pool_family><name>team c</name></pool_family>"
-        )
-        .await
-        .text("name"),
+        server
+            .put(
+                &format!("/api/pool_families/{env}"),
+                "<pool_family><name>team c</name></pool_family>"
+            )
+            .await
+            .text("name"),
         "team c"
     );
     assert_eq!(

@@ -122,7 +122,7 @@ async fn environments_and_provider_types_describe_what_is_loaded() {
         .filter(|n| n.has_tag_name("deltacloud_driver"))
         .map(|n| n.text().unwrap_or("").to_owned())
         .collect();
-    assert_eq!(drivers, ["mock", "testbed"]);
+    assert_eq!(drivers, ["ec2", "mock", "testbed"]);
 
     let mock = server.get("/api/provider_types/mock.xml").await;
     assert_eq!(mock.status, 200);
@@ -139,6 +139,34 @@ async fn environments_and_provider_types_describe_what_is_loaded() {
         })
         .collect();
     assert_eq!(creds, ["username", "password"]);
+
+    // Conductor's ec2 credentials, the x509 pair optional.
+    let ec2 = server.get("/api/provider_types/ec2.xml").await;
+    assert_eq!(ec2.status, 200);
+    let creds: Vec<(String, String, String)> = ec2
+        .doc()
+        .descendants()
+        .filter(|n| n.has_tag_name("credential_definition"))
+        .map(|n| {
+            let field = |name: &str| {
+                n.children()
+                    .find(|c| c.has_tag_name(name))
+                    .and_then(|c| c.text())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (field("name"), field("label"), field("required"))
+        })
+        .collect();
+    let expected = [
+        ("username", "access_key", "true"),
+        ("password", "secret_access_key", "true"),
+        ("account_id", "account_number", "true"),
+        ("x509private", "key", "false"),
+        ("x509public", "certificate", "false"),
+    ]
+    .map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()));
+    assert_eq!(creds, expected);
 
     let envs = server.get("/api/environments.xml").await;
     assert_eq!(envs.status, 200);

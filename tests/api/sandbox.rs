@@ -282,19 +282,8 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
     let dir = tempfile::tempdir().expect("tempdir");
     let reach = format!("{TEST_PLUGINS}/reach");
     let server = Server::start_with(dir.path(), &["--plugins", &reach]);
-    // A build has no provider, so nothing is granted: the request is refused before any
-    // connection, and the job says which host was refused.
-    let ended = beside_a_mock_build(&server, build(&server, "reach", &[])).await;
-    assert_eq!(ended.text("status"), "FAILED", "{}", ended.body);
-    let error = ended.text("error");
-    assert!(
-        error.contains(
-            "tried to reach 127.0.0.1:9, which its provider does not grant (granted: none)"
-        ),
-        "{error}"
-    );
-
     // A provider whose url names the listener grants it: the account check gets through.
+    // (Types that reach a cloud get no provider at the first start; an operator makes one.)
     let (address, count) = listener().await;
     let provider = server
         .post(
@@ -312,12 +301,40 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
         .await;
     assert_eq!(account.status, 201, "{}", account.body);
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let account_id = account.ids("provider_account")[0].clone();
+    let joined = server
+        .put(
+            &format!("/api/pool_families/1/provider_accounts/{account_id}"),
+            "",
+        )
+        .await;
+    assert!(joined.status < 300, "{}", joined.body);
 
-    // The seeded reach provider (after mock, so id 2) names no url: its account check is
-    // refused, and said so.
+    // A build has no provider, so nothing is granted: the request is refused before any
+    // connection, and the job says which host was refused.
+    let ended = beside_a_mock_build(&server, build(&server, "reach", &[])).await;
+    assert_eq!(ended.text("status"), "FAILED", "{}", ended.body);
+    let error = ended.text("error");
+    assert!(
+        error.contains(
+            "tried to reach 127.0.0.1:9, which its provider does not grant (granted: none)"
+        ),
+        "{error}"
+    );
+
+    // A provider that names no url grants nothing: its account check is refused, and
+    // said so.
+    let bare = server
+        .post(
+            "/api/providers",
+            "<provider><name>reach3</name><provider_type id='reach'/></provider>",
+        )
+        .await;
+    assert_eq!(bare.status, 201, "{}", bare.body);
+    let bare = bare.ids("provider")[0].clone();
     let refused = server
         .post(
-            "/api/providers/2/provider_accounts",
+            &format!("/api/providers/{bare}/provider_accounts"),
             "<provider_account><label>refused</label><credentials></credentials></provider_account>",
         )
         .await;

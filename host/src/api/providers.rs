@@ -70,6 +70,7 @@ pub async fn show_type(
             .text("name", &c.name)
             .text("label", &c.label)
             .text("input_type", &c.input_type)
+            .text("required", if c.optional { "false" } else { "true" })
             .close("credential_definition");
     }
     doc.close("credential_definitions").close("provider_type");
@@ -538,7 +539,8 @@ fn apply_account(
                 .push((c.name.clone(), c.text().trim().to_owned()));
         }
     }
-    // Stored in the order the type defines them, and every one must be present.
+    // Stored in the order the type defines them, and every one the type does not mark
+    // optional must be present.
     let mut ordered = Vec::new();
     for definition in &info.credentials {
         match account
@@ -547,6 +549,7 @@ fn apply_account(
             .find(|(k, _)| *k == definition.name)
         {
             Some((k, v)) if !v.is_empty() => ordered.push((k.clone(), v.clone())),
+            _ if definition.optional => {}
             _ if creating || credentials.is_some() => {
                 problems.push(format!("{} can't be blank", humanize(&definition.label)))
             }

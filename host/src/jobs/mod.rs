@@ -426,7 +426,7 @@ impl Jobs {
                 provider: provider.id,
             })),
             stop: Stop::new(),
-            hosts: plugins::provider_hosts(&provider.settings),
+            settings: provider.settings.clone(),
         }
     }
 
@@ -756,6 +756,34 @@ impl Jobs {
         })
     }
 
+    /// The push request's parameters and, after them, this server's ids of what is pushed
+    /// (`conductor.image`, …) and the facts of the template the image was built from
+    /// (`template.arch`, …), which a cloud wants when it registers an image.
+    fn push_parameters(&self, pi: &ProviderImage) -> Result<Vec<(String, String)>, StoreError> {
+        let mut parameters = pi.parameters.clone();
+        let Some(ti) = self.store.target_image(pi.target_image_id)? else {
+            return Ok(parameters);
+        };
+        if let Some(build) = self.store.build(ti.build_id)? {
+            parameters.push(("conductor.image".to_owned(), build.image_id.to_string()));
+        }
+        parameters.extend([
+            ("conductor.build".to_owned(), ti.build_id.to_string()),
+            ("conductor.target-image".to_owned(), ti.id.to_string()),
+            ("conductor.provider-image".to_owned(), pi.id.to_string()),
+        ]);
+        if let Ok(facts) = self.template_for(&ti)? {
+            parameters.extend([
+                ("template.name".to_owned(), facts.name),
+                ("template.os-name".to_owned(), facts.os_name),
+                ("template.os-version".to_owned(), facts.os_version),
+                ("template.arch".to_owned(), facts.arch),
+                ("template.disk-size".to_owned(), facts.disk_size.to_string()),
+            ]);
+        }
+        Ok(parameters)
+    }
+
     fn push(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
         let Some(pi) = self.store.provider_image(job.id)? else {
             return Ok(Step::Done(Err("the provider image was deleted".into())));
@@ -789,8 +817,9 @@ impl Jobs {
             provider: provider_id,
         }));
         context.stop = stop.clone();
-        context.hosts = plugins::provider_hosts(&target.settings);
-        let identifier = match plugin.push(context, &target, &image, &name, &pi.parameters) {
+        context.settings = target.settings.clone();
+        let parameters = self.push_parameters(&pi)?;
+        let identifier = match plugin.push(context, &target, &image, &name, &parameters) {
             Ok(identifier) => identifier,
             Err(e) => {
                 return on_plugin_error(job, e, |change| {
@@ -812,7 +841,7 @@ impl Jobs {
                 store: self.store.clone(),
                 provider: provider_id,
             }));
-            context.hosts = plugins::provider_hosts(&target.settings);
+            context.settings = target.settings.clone();
             if let Err(e) = plugin.delete(context, &target, &identifier) {
                 tracing::error!(%identifier, "could not remove an image pushed for a deleted record: {e}");
             }
@@ -918,7 +947,7 @@ impl Jobs {
             progress,
             state: None,
             stop: Stop::new(),
-            hosts: Vec::new(),
+            settings: Vec::new(),
         }
     }
 }

@@ -112,7 +112,10 @@ impl From<wit::Error> for PluginError {
 pub struct CredentialDefinition {
     pub name: String,
     pub label: String,
+    /// `text`, `password` or `file`.
     pub input_type: String,
+    /// Whether an account may leave it out (the plugin wrote its input type with a `?`).
+    pub optional: bool,
 }
 
 /// What a plugin says about itself.
@@ -230,9 +233,9 @@ pub struct CallContext {
     pub state: Option<Box<dyn StateStore>>,
     /// Stops the call when set.
     pub stop: Stop,
-    /// The authorities the call's provider names (see [`provider_hosts`]); the plugin may
-    /// reach those of them it declared in its info, and nothing else.
-    pub hosts: Vec<String>,
+    /// The settings of the call's provider, which decide the hosts the plugin may reach
+    /// (see [`grant`]); empty for a build.
+    pub settings: Vec<(String, String)>,
 }
 
 impl CallContext {
@@ -243,7 +246,7 @@ impl CallContext {
             progress: Box::new(|_, _| {}),
             state: None,
             stop: Stop::new(),
-            hosts: Vec::new(),
+            settings: Vec::new(),
         }
     }
 }
@@ -325,9 +328,69 @@ impl WasiHttpView for State {
     }
 }
 
-/// The authorities (`host[:port]`, lower case) a provider's settings name: every setting
-/// whose value is an http or https URL.
-pub fn provider_hosts(settings: &[(String, String)]) -> Vec<String> {
+/// The authorities (`host[:port]`, lower case) a call may reach: what the plugin declares
+/// in its info, narrowed by the provider's settings.
+///
+/// - A plain pattern (`*`, `*.amazonaws.com`, `127.0.0.1`) grants the authorities of the
+///   provider's URL-valued settings that it covers: the provider chooses the endpoint,
+///   the plugin bounds the choice.
+/// - A pattern with placeholders (`ec2.{region}.amazonaws.com`) grants itself, with each
+///   `{name}` filled in from the provider's setting of that name (`{a|b}`: the first of
+///   the settings that is set). A value may hold only letters, digits and `-`, so a
+///   setting can pick a region but never name another domain; a placeholder with no
+///   value grants nothing.
+pub fn grant(patterns: &[String], settings: &[(String, String)]) -> Vec<String> {
+    let mut allowed: Vec<String> = provider_hosts(settings)
+        .into_iter()
+        .filter(|a| {
+            patterns
+                .iter()
+                .filter(|p| !p.contains('{'))
+                .any(|p| covers(p, a))
+        })
+        .collect();
+    for expanded in patterns
+        .iter()
+        .filter(|p| p.contains('{'))
+        .filter_map(|p| expand(p, settings))
+    {
+        if !allowed.contains(&expanded) {
+            allowed.push(expanded);
+        }
+    }
+    allowed
+}
+
+/// A host pattern with its `{setting}` placeholders filled in, if every one has a value
+/// fit for a host name label.
+fn expand(pattern: &str, settings: &[(String, String)]) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = open + rest[open..].find('}')?;
+        let value = rest[open + 1..close].split('|').find_map(|name| {
+            settings
+                .iter()
+                .find(|(k, v)| k == name && !v.is_empty())
+                .map(|(_, v)| v)
+        })?;
+        if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return None;
+        }
+        out.push_str(value);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Some(out.to_ascii_lowercase())
+}
+
+/// The authorities a provider's settings name: every setting whose value is an http or
+/// https URL.
+fn provider_hosts(settings: &[(String, String)]) -> Vec<String> {
     settings
         .iter()
         .filter_map(|(_, value)| {
@@ -605,12 +668,7 @@ impl Plugin {
             log: sandbox::LogBudget::default(),
             http: WasiHttpCtx::new(),
             grants: Grants {
-                allowed: context
-                    .hosts
-                    .iter()
-                    .filter(|a| self.info.hosts.iter().any(|p| covers(p, a)))
-                    .cloned()
-                    .collect(),
+                allowed: grant(&self.info.hosts, &context.settings),
                 denied: Vec::new(),
             },
             context,
@@ -1103,10 +1161,14 @@ impl Plugins {
             credentials: info
                 .credentials
                 .into_iter()
-                .map(|c| CredentialDefinition {
-                    name: c.name,
-                    label: c.label,
-                    input_type: c.input_type,
+                .map(|c| {
+                    let optional = c.input_type.ends_with('?');
+                    CredentialDefinition {
+                        name: c.name,
+                        label: c.label,
+                        input_type: c.input_type.trim_end_matches('?').to_owned(),
+                        optional,
+                    }
                 })
                 .collect(),
             settings: info.settings,
@@ -1186,5 +1248,54 @@ impl Plugins {
             .values()
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::grant;
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn settings(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn url_settings_are_granted_only_where_a_declared_pattern_covers_them() {
+        let patterns = strings(&["*.amazonaws.com", "127.0.0.1"]);
+        let granted = grant(
+            &patterns,
+            &settings(&[
+                ("endpoint", "http://127.0.0.1:5055/"),
+                ("url", "https://evil.example.com/api"),
+            ]),
+        );
+        assert_eq!(granted, strings(&["127.0.0.1:5055"]));
+    }
+
+    #[test]
+    fn placeholders_are_filled_from_settings_and_cannot_name_another_domain() {
+        let patterns = strings(&["ec2.{region|deltacloud_provider}.amazonaws.com"]);
+        assert_eq!(
+            grant(&patterns, &settings(&[("region", "eu-west-1")])),
+            strings(&["ec2.eu-west-1.amazonaws.com"])
+        );
+        assert_eq!(
+            grant(
+                &patterns,
+                &settings(&[("deltacloud_provider", "us-east-1")])
+            ),
+            strings(&["ec2.us-east-1.amazonaws.com"])
+        );
+        // A value that would smuggle in another host grants nothing.
+        assert!(grant(&patterns, &settings(&[("region", "x.evil.com/")])).is_empty());
+        assert!(grant(&patterns, &settings(&[("region", "a:1@evil")])).is_empty());
+        // No value, no grant.
+        assert!(grant(&patterns, &[]).is_empty());
     }
 }
