@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Run the tests"), also what CI runs through
 # .ci/run. It needs only what a new machine of this kind has: the Rust toolchain named
-# in rust-toolchain.toml (rustup adds the wasm32-wasip2 target on first use).
+# in rust-toolchain.toml and Python 3.11 with pip, for the cloud emulators.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,17 @@ cargo fmt --all --check
 echo "== lints (host and plugins)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The plugins are tested against real cloud services on 127.0.0.1: moto (EC2/EBS), and
+# Keystone and Glance (OpenStack), installed from PyPI into virtualenvs under
+# target/emulators and stopped when this script ends, however it ends.
+echo "== starting the cloud emulators"
+trap 'bash tests/emulators/down.sh' EXIT
+bash tests/emulators/up.sh
+# shellcheck disable=SC1091
+source target/emulators/env
+
 echo "== tests"
 cargo test --locked
-# The plugin SDK's format writers, natively, judged by qemu-img.
-cargo test --locked -p conductor-plugin-sdk
+# The plugin SDK natively: the format writers judged by qemu-img, and the HTTP client's
+# URL handling.
+cargo test --locked -p conductor-plugin-sdk --features http

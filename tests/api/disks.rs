@@ -29,7 +29,7 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
 
 /// A sparse raw disk with data scattered over it: unaligned, across a 64 KiB cluster
 /// boundary, across a 512 MiB boundary, and in the last bytes.
-fn scattered_disk(path: &Path, size: u64) {
+pub(crate) fn scattered_disk(path: &Path, size: u64) {
     let file = std::fs::File::create(path).expect("create disk");
     file.set_len(size).expect("size");
     let mut seed = 0x2545_f491_4f6c_dd1du64;

@@ -4,6 +4,7 @@
 mod builds;
 mod cli;
 mod disks;
+mod ec2;
 mod errors;
 mod harness;
 mod hostile_input;
