@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Plugins compiled into the server and loaded at every start.
-const BUNDLED: &[&str] = &["mock", "ec2"];
+const BUNDLED: &[&str] = &["mock", "ec2", "openstack"];
 /// Plugins only the tests load, each with the folder under CONDUCTOR_TEST_PLUGINS it is
 /// copied to. Most tests load the folder itself; the sandbox tests' plugins sit in
 /// subfolders (which `--plugins` does not descend into), so that the provider types and

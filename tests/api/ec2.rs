@@ -116,7 +116,7 @@ async fn add_account(server: &Server, provider: &str, label: &str, secret: &str)
 }
 
 /// A provider and an account in the default environment; answers the account's label.
-async fn ready_account(server: &Server, name: &str) -> (String, String) {
+pub(crate) async fn ready_account(server: &Server, name: &str) -> (String, String) {
     let provider = provider(server, name, &moto()).await;
     let label = format!("{name}-acc");
     let account = add_account(server, &provider, &label, "secret-key").await;

@@ -277,7 +277,10 @@ async fn a_plugin_added_to_the_folder_is_loaded_on_a_rescan() {
     .expect("copy plugin");
     let rescanned = server.post("/api/provider_types/rescan", "").await;
     assert_eq!(rescanned.status, 200, "{}", rescanned.body);
-    assert_eq!(rescanned.ids("provider_type"), ["ec2", "mock", "testbed"]);
+    assert_eq!(
+        rescanned.ids("provider_type"),
+        ["ec2", "mock", "openstack", "testbed"]
+    );
     assert_eq!(server.get("/api/provider_types/testbed").await.status, 200);
     // A file that is not a plugin is reported, and the others stay loaded.
     std::fs::write(plugins.join("broken.wasm"), b"not wasm").expect("write");

@@ -9,6 +9,7 @@ mod errors;
 mod harness;
 mod hostile_input;
 mod jobs;
+mod openstack;
 mod providers;
 mod pushes;
 mod replay;

@@ -122,7 +122,7 @@ async fn environments_and_provider_types_describe_what_is_loaded() {
         .filter(|n| n.has_tag_name("deltacloud_driver"))
         .map(|n| n.text().unwrap_or("").to_owned())
         .collect();
-    assert_eq!(drivers, ["ec2", "mock", "testbed"]);
+    assert_eq!(drivers, ["ec2", "mock", "openstack", "testbed"]);
 
     let mock = server.get("/api/provider_types/mock.xml").await;
     assert_eq!(mock.status, 200);
