@@ -1,0 +1,106 @@
+//! The plugin template (examples/provider-template), built by the build like every test
+//! plugin: it loads, and a build, push, import and delete go through it.
+
+use crate::harness::{Server, TEST_PLUGINS, build_request, template};
+
+#[tokio::test]
+async fn the_plugin_template_loads_builds_pushes_and_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = format!("{TEST_PLUGINS}/template");
+    let server = Server::start_with(dir.path(), &["--plugins", &folder]);
+    let kind = server.get("/api/provider_types/template").await;
+    assert_eq!(kind.status, 200, "{}", kind.body);
+    assert_eq!(kind.text("format"), "qcow2");
+
+    let provider = server
+        .post(
+            "/api/providers",
+            "<provider><name>imaginary</name><provider_type id='template'/></provider>",
+        )
+        .await;
+    assert_eq!(provider.status, 201, "{}", provider.body);
+    let id = provider.ids("provider")[0].clone();
+    let refused = server
+        .post(
+            &format!("/api/providers/{id}/provider_accounts"),
+            "<provider_account><label>no</label><credentials><username>u</username>\
+             <password>invalid</password></credentials></provider_account>",
+        )
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let account = server
+        .post(
+            &format!("/api/providers/{id}/provider_accounts"),
+            "<provider_account><label>imaginary-acc</label><credentials><username>u</username>\
+             <password>p</password></credentials></provider_account>",
+        )
+        .await;
+    assert_eq!(account.status, 201, "{}", account.body);
+    let account = account.ids("provider_account")[0].clone();
+    let joined = server
+        .put(
+            &format!("/api/pool_families/1/provider_accounts/{account}"),
+            "",
+        )
+        .await;
+    assert!(joined.status < 300, "{}", joined.body);
+
+    let reply = server
+        .post(
+            "/api/images",
+            &build_request("template", &template("from-the-template"), ""),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ti = reply.ids("target_image")[0].clone();
+    let built = server
+        .wait_terminal(&format!("/api/target_images/{ti}"))
+        .await;
+    assert_eq!(built.text("status"), "COMPLETE", "{}", built.body);
+    assert_eq!(built.text("format"), "qcow2");
+
+    let pushed = server
+        .post(
+            "/api/provider_images",
+            &format!(
+                "<provider_image><provider_account>imaginary-acc</provider_account>\
+                 <target_image_id>{ti}</target_image_id></provider_image>"
+            ),
+        )
+        .await;
+    assert!(pushed.status < 300, "{}", pushed.body);
+    let pi = pushed.ids("provider_image")[0].clone();
+    let done = server
+        .wait_terminal(&format!("/api/provider_images/{pi}"))
+        .await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let identifier = done.text("target_identifier");
+    assert!(identifier.starts_with("template-"), "{}", done.body);
+
+    // Deleted on the provider, so an import of the same identifier then finds nothing.
+    let deleted = server.delete(&format!("/api/provider_images/{pi}")).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    let import = format!(
+        "<image><target_identifier>{identifier}</target_identifier>\
+         <provider_account_name>imaginary-acc</provider_account_name>\
+         <environment>default</environment>\
+         <image_descriptor>&lt;image&gt;&lt;name&gt;again&lt;/name&gt;&lt;/image&gt;</image_descriptor></image>"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let found = server.post("/api/images", &import).await;
+        if found.status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still importable after the delete: {}",
+            found.body
+        );
+        // An import that succeeded made a record; remove it before looking again.
+        for image in found.ids("image") {
+            server.delete(&format!("/api/images/{image}")).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
