@@ -19,7 +19,13 @@ const BUNDLED: &[&str] = &["mock", "ec2", "openstack"];
 /// copied to. Most tests load the folder itself; the sandbox tests' plugins sit in
 /// subfolders (which `--plugins` does not descend into), so that the provider types and
 /// accounts every other test expects stay the same.
-const TEST_ONLY: &[(&str, &str)] = &[("testbed", ""), ("hostile", "sandbox"), ("reach", "reach")];
+const TEST_ONLY: &[(&str, &str)] = &[
+    ("testbed", ""),
+    ("hostile", "sandbox"),
+    ("reach", "reach"),
+    // The plugin authors copy (examples/provider-template), so a test proves it works.
+    ("template", "template"),
+];
 
 fn main() {
     let manifest_dir =
@@ -31,7 +37,12 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let wasm_target = out_dir.join("wasm");
 
-    for dir in ["wit", "plugins", "tests/plugins"] {
+    for dir in [
+        "wit",
+        "plugins",
+        "tests/plugins",
+        "examples/provider-template",
+    ] {
         rerun_if_changed_tree(&root.join(dir));
     }
     println!(

@@ -5,7 +5,9 @@
 pub mod api;
 pub mod auth;
 pub mod blobs;
+pub mod client;
 pub mod jobs;
+pub mod metrics;
 pub mod model;
 pub mod plugins;
 pub mod server;

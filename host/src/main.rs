@@ -13,6 +13,21 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: conductor::client::Connection,
+    /// A TOML file of server settings (see the README's table); flags and environment
+    /// variables override it.
+    #[arg(long, global = true, env = "CONDUCTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log lines as text, or as JSON objects (one per line) for log collectors.
+    #[arg(long, global = true, env = "CONDUCTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -57,20 +72,119 @@ enum Command {
             value_delimiter = ';'
         )]
         plugin_limits: Vec<conductor::plugins::PluginLimit>,
+        /// A PEM certificate chain: with --tls-key, the API is served over HTTPS only.
+        #[arg(long, env = "CONDUCTOR_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, env = "CONDUCTOR_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
+    /// Build, push, list, show, import and delete images on a server.
+    #[command(subcommand)]
+    Image(conductor::client::ImageCommand),
+    /// Manage a server's providers.
+    #[command(subcommand)]
+    Provider(conductor::client::ProviderCommand),
+    /// Manage a server's provider accounts.
+    #[command(subcommand)]
+    Account(conductor::client::AccountCommand),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CONDUCTOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Settings a config file may hold, each with the environment variable it stands for.
+const SETTINGS: &[(&str, &str)] = &[
+    ("listen", "CONDUCTOR_LISTEN"),
+    ("data", "CONDUCTOR_DATA"),
+    ("plugins", "CONDUCTOR_PLUGINS"),
+    ("external_url", "CONDUCTOR_EXTERNAL_URL"),
+    ("import_dir", "CONDUCTOR_IMPORT_DIR"),
+    ("credentials_key", "CONDUCTOR_CREDENTIALS_KEY"),
+    ("workers", "CONDUCTOR_WORKERS"),
+    ("max_per_target", "CONDUCTOR_MAX_PER_TARGET"),
+    ("max_per_environment", "CONDUCTOR_MAX_PER_ENVIRONMENT"),
+    ("plugin_limits", "CONDUCTOR_PLUGIN_LIMITS"),
+    ("tls_cert", "CONDUCTOR_TLS_CERT"),
+    ("tls_key", "CONDUCTOR_TLS_KEY"),
+    ("log", "CONDUCTOR_LOG"),
+    ("log_format", "CONDUCTOR_LOG_FORMAT"),
+];
+
+fn main() -> anyhow::Result<()> {
+    apply_config_file()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+/// Reads the config file (`--config FILE` or CONDUCTOR_CONFIG) into the environment
+/// variables its settings stand for, where those are not set already; flags and the
+/// environment therefore win over the file, and clap reads all three the same way.
+fn apply_config_file() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .windows(2)
+        .find(|pair| pair[0] == "--config")
+        .map(|pair| pair[1].clone())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
+        })
+        .or_else(|| std::env::var("CONDUCTOR_CONFIG").ok());
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading the config file {path}: {e}"))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("the config file {path}: {e}"))?;
+    for (key, value) in table {
+        let Some((_, variable)) = SETTINGS.iter().find(|(name, _)| *name == key) else {
+            let known: Vec<&str> = SETTINGS.iter().map(|(name, _)| *name).collect();
+            anyhow::bail!(
+                "the config file {path} has an unknown setting '{key}' (known: {})",
+                known.join(", ")
+            );
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow::anyhow!("{path}: {key} must be a list of strings"))?
+                .join(";"),
+            other => anyhow::bail!("{path}: {key} cannot be {}", other.type_str()),
+        };
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: called from `main` before the runtime starts: no other thread
+            // exists yet that could read the environment at the same time.
+            unsafe { std::env::set_var(variable, text) };
+        }
+    }
+    Ok(())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    // The server logs what it does; the client only what went wrong.
+    let default_filter = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONDUCTOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let client = match cli.command {
+        Command::Image(command) => conductor::client::image(&cli.connection, command).await,
+        Command::Provider(command) => conductor::client::provider(&cli.connection, command).await,
+        Command::Account(command) => conductor::client::account(&cli.connection, command).await,
         Command::Serve {
             listen,
             data,
@@ -82,8 +196,10 @@ async fn main() -> anyhow::Result<()> {
             max_per_target,
             max_per_environment,
             plugin_limits,
+            tls_cert,
+            tls_key,
         } => {
-            conductor::server::serve(conductor::server::Config {
+            return conductor::server::serve(conductor::server::Config {
                 listen,
                 data,
                 plugins,
@@ -97,8 +213,16 @@ async fn main() -> anyhow::Result<()> {
                 },
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
                 plugin_limits,
+                tls: tls_cert.zip(tls_key),
             })
-            .await
+            .await;
         }
+    };
+    // A client's failure is the server's answer or an unreachable server: one line, no
+    // backtrace.
+    if let Err(e) = client {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
+    Ok(())
 }

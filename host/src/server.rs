@@ -9,7 +9,7 @@ use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
 use crate::plugins::{Limits, PluginLimit, Plugins};
 use crate::store::Store;
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How the server is started (`conductor serve --help` documents each).
@@ -30,6 +30,8 @@ pub struct Config {
     pub plugin_limits: Vec<PluginLimit>,
     /// The bootstrap admin's password on first start; generated and printed when unset.
     pub admin_password: Option<String>,
+    /// PEM certificate chain and private key: with both, the API is served over TLS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -56,6 +58,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     bootstrap(&store, &plugins, &config)?;
+
+    // A bad certificate stops the server before it starts, not at the first client.
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
 
     let paths = Paths::new(&config.data).context("creating the image folders")?;
     // Work directories belong to jobs; every unfinished job starts over below.
@@ -101,17 +109,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     // Webhook documents carry hrefs too; without a request, they use the public URL or
     // the address the server listens on.
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let hook_base = match &config.external_url {
         Some(url) => format!("{}/api", url.trim_end_matches('/')),
-        None => format!("http://{address}/api"),
+        None => format!("{scheme}://{address}/api"),
     };
     api::hooks::spawn_dispatcher(state.clone(), hook_base);
     // Tests and scripts read this line to find the port when listening on port 0.
-    println!("conductor listening on http://{address}");
-    tracing::info!(%address, "serving the API");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    println!("conductor listening on {scheme}://{address}");
+    tracing::info!(%address, scheme, "serving the API");
+    match tls {
+        Some(acceptor) => serve_tls(listener, api::router(state), acceptor).await,
+        None => {
+            axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?
+        }
+    }
     // Running plugin calls are interrupted; their jobs stay stored and resume at the
     // next start. redb commits every change, so nothing else needs flushing.
     jobs.shutdown(std::time::Duration::from_secs(30)).await;
@@ -151,6 +165,79 @@ fn credential_key(config: &Config) -> anyhow::Result<crate::store::CredentialKey
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading the credentials key {}", path.display())),
+    }
+}
+
+/// The TLS settings from a PEM certificate chain and its private key.
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("reading the TLS certificate {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("reading the TLS key {}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the TLS certificate and key do not make a usable pair")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the API over TLS until the shutdown signal: a handshake, then HTTP/1.1, for
+/// each connection. A client that fails the handshake (or stalls in it) only loses its
+/// own connection.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            if let Err(e) = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod builds;
 mod cli;
+mod client;
 mod disks;
 mod ec2;
 mod errors;
@@ -16,4 +17,6 @@ mod replay;
 mod restart;
 mod routes;
 mod sandbox;
+mod serving;
+mod template;
 mod tenants;

@@ -80,7 +80,10 @@ async fn empty_collections_answer_an_empty_list_with_or_without_the_xml_suffix()
 async fn other_format_suffixes_are_not_acceptable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path());
-    assert_eq!(server.get("/api/images.json").await.status, 406);
+    assert_eq!(server.get("/api/images.html").await.status, 406);
+    assert_eq!(server.get("/api/images.yaml").await.status, 406);
+    // JSON is served (tests/api/client.rs).
+    assert_eq!(server.get("/api/images.json").await.status, 200);
 }
 
 #[tokio::test]

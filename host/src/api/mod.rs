@@ -9,6 +9,7 @@ mod builds;
 mod environments;
 pub mod hooks;
 mod images;
+pub mod json;
 mod provider_images;
 mod providers;
 mod target_images;
@@ -378,9 +379,79 @@ pub fn router(state: Shared) -> Router {
         .with_state(state);
     // The suffix is stripped before routing, so the outer router wraps the inner one.
     Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback_service(api)
         .layer(middleware::from_fn(strip_format_suffix))
         .layer(middleware::from_fn(limit_body))
+        .layer(middleware::from_fn(request_id))
+}
+
+/// For load balancers and supervisors: the server is up and answering. No credentials,
+/// like `/metrics`; neither tells anything about images or accounts.
+async fn healthz() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+        "ok\n",
+    )
+        .into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Every request gets an id: the client's `X-Request-Id` when it sends a sane one, else
+/// a new one. It is echoed in the answer and tags every log line written while the
+/// request is handled, so a user's report and the server's log meet.
+async fn request_id(request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let method = request.method().clone();
+    let counted = request.uri().path().starts_with("/api")
+        || request.uri().path().starts_with(CONDUCTOR_PREFIX);
+    let span =
+        tracing::info_span!("request", id = %id, method = %method, path = %request.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "answered"
+        )
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    if counted {
+        crate::metrics::inc(
+            "conductor_http_requests_total",
+            &[
+                ("method", method.as_str()),
+                ("status", response.status().as_str()),
+            ],
+        );
+    }
+    response
 }
 
 /// Refuses a body whose declared length is over [`MAX_BODY`] before reading it, in the
@@ -419,8 +490,8 @@ async fn limit_body(request: Request, next: Next) -> Response {
 }
 
 /// Conductor's clients put `.xml` on every path (and `/conductor` before `/api`); both
-/// are accepted and removed. Any other
-/// format suffix gets 406, as Conductor answered.
+/// are accepted and removed. `.json` (or `Accept: application/json`) asks for the answer
+/// in JSON. Any other format suffix gets 406, as Conductor answered.
 async fn strip_format_suffix(mut request: Request, next: Next) -> Response {
     request.headers_mut().remove(MOUNT_HEADER);
     if let Some(rest) = request.uri().path().strip_prefix(CONDUCTOR_PREFIX)
@@ -439,8 +510,13 @@ async fn strip_format_suffix(mut request: Request, next: Next) -> Response {
         }
     }
     let path = request.uri().path();
+    let mut json = wants_json(request.headers());
     if path.starts_with("/api") {
-        if let Some(stripped) = path.strip_suffix(".xml") {
+        let suffix = [".xml", ".json"]
+            .into_iter()
+            .find_map(|suffix| path.strip_suffix(suffix).map(|p| (p, suffix)));
+        if let Some((stripped, suffix)) = suffix {
+            json = suffix == ".json";
             let mut rewritten = stripped.to_owned();
             if let Some(query) = request.uri().query() {
                 rewritten.push('?');
@@ -451,12 +527,60 @@ async fn strip_format_suffix(mut request: Request, next: Next) -> Response {
             }
         } else if path.rsplit('/').next().is_some_and(|last| {
             last.rsplit_once('.')
-                .is_some_and(|(_, ext)| matches!(ext, "json" | "html" | "yaml" | "txt"))
+                .is_some_and(|(_, ext)| matches!(ext, "html" | "yaml" | "txt"))
         }) {
             return StatusCode::NOT_ACCEPTABLE.into_response();
         }
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    if json {
+        as_json(response).await
+    } else {
+        response
+    }
+}
+
+/// Whether the client prefers JSON: it accepts `application/json` and not XML.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json") && !accept.contains("xml"))
+}
+
+/// The same answer as JSON (see [`json`]); anything that is not an XML document (a
+/// download, an empty 401) passes unchanged.
+async fn as_json(response: Response) -> Response {
+    let is_xml = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/xml"));
+    if !is_xml {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let mut empty = false;
+    let converted = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => {
+            empty = bytes.iter().all(u8::is_ascii_whitespace);
+            json::from_xml(&bytes)
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match converted {
+        // An empty body stays empty.
+        Err(_) if empty => Response::from_parts(parts, axum::body::Body::empty()),
+        Ok(value) => {
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(value.to_string()))
+        }
+        Err(e) => ApiError::internal(format!("rendering JSON: {e}")).into_response(),
+    }
 }
 
 /// Every `/api` request needs valid Basic credentials: 401 with an empty body otherwise.

@@ -335,6 +335,9 @@ impl Jobs {
             self.finish(job.id);
             return Err("the target image was not built".into());
         }
+        let started = Instant::now();
+        let kind = format!("{:?}", job.kind).to_lowercase();
+        let kind_label = [("kind", kind.as_str())];
         loop {
             let scoped = self.scoped_permits(&job).await;
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
@@ -344,6 +347,7 @@ impl Jobs {
             let id = job.id;
             let stop = Stop::new();
             lock(&self.running).insert(id, stop.clone());
+            crate::metrics::add("conductor_jobs_running", &kind_label, 1.0);
             let outcome = tokio::task::spawn_blocking(move || {
                 job.attempts += 1;
                 jobs.store.put_job(&job)?;
@@ -360,6 +364,7 @@ impl Jobs {
                 Ok::<_, JobError>((job, step))
             })
             .await;
+            crate::metrics::add("conductor_jobs_running", &kind_label, -1.0);
             lock(&self.running).remove(&id);
             drop(permit);
             drop(scoped);
@@ -373,6 +378,16 @@ impl Jobs {
                 }
                 Ok(Ok((_, Step::Done(result)))) => {
                     self.finish(id);
+                    let outcome = if result.is_ok() { "ok" } else { "failed" };
+                    crate::metrics::inc(
+                        "conductor_jobs_finished_total",
+                        &[("kind", kind.as_str()), ("outcome", outcome)],
+                    );
+                    crate::metrics::observe(
+                        "conductor_job_duration_seconds",
+                        &kind_label,
+                        started.elapsed().as_secs_f64(),
+                    );
                     return result;
                 }
                 Ok(Err(e)) => {

@@ -755,6 +755,23 @@ impl Plugin {
         PluginError::Trap(reason)
     }
 
+    /// Runs one call and counts it, and its failure, in the server's metrics.
+    fn counted<T>(
+        &self,
+        call: &'static str,
+        run: impl FnOnce() -> Result<T, PluginError>,
+    ) -> Result<T, PluginError> {
+        let result = run();
+        let labels = [("target", self.info.target.as_str()), ("call", call)];
+        crate::metrics::inc("conductor_plugin_calls_total", &labels);
+        if let Err(e) = &result
+            && !matches!(e, PluginError::Cancelled | PluginError::Shutdown)
+        {
+            crate::metrics::inc("conductor_plugin_call_failures_total", &labels);
+        }
+        result
+    }
+
     /// Builds the image for this plugin's target from `base` into a new file at `output`,
     /// which the plugin may not write past `output_limit` bytes.
     pub fn build(
@@ -766,66 +783,68 @@ impl Plugin {
         output_limit: u64,
         parameters: &[(String, String)],
     ) -> Result<BuildOutput, PluginError> {
-        let (mut store, instance) = self.instantiate(context)?;
-        let reader = DiskReader::open(base)
-            .map_err(|e| PluginError::Host(format!("opening the base disk: {e}")))?;
-        let writer = DiskWriter::create(output, output_limit)
-            .map_err(|e| PluginError::Host(format!("creating the output disk: {e}")))?;
-        let table = &mut store.data_mut().table;
-        let reader = table
-            .push(reader)
-            .map_err(|e| PluginError::Host(e.to_string()))?;
-        let writer = table
-            .push(writer)
-            .map_err(|e| PluginError::Host(e.to_string()))?;
-        let writer_handle = Resource::<DiskWriter>::new_borrow(writer.rep());
-        let template = wit::Template {
-            xml: template.xml.clone(),
-            name: template.name.clone(),
-            os_name: template.os_name.clone(),
-            os_version: template.os_version.clone(),
-            arch: template.arch.clone(),
-            disk_size: template.disk_size,
-        };
-        let result = instance
-            .conductor_provider_provider()
-            .call_build(
-                &mut store,
-                &template,
-                Resource::new_borrow(reader.rep()),
-                writer_handle,
-                parameters,
-            )
-            .map_err(|e| self.trap(e, &store))
-            .and_then(|answer| answer.map_err(PluginError::from))
-            .map_err(|e| self.denied(&store, e));
-        let writer = store
-            .data()
-            .table
-            .get(&writer)
-            .map_err(|e| PluginError::Host(e.to_string()))?;
-        let output = result.map_err(|error| match error {
-            // The sandbox's own reasons stand as they are.
-            PluginError::Timeout(_)
-            | PluginError::OutOfFuel(_)
-            | PluginError::OutOfMemory(_)
-            | PluginError::Cancelled
-            | PluginError::Shutdown
-            | PluginError::Host(_) => error,
-            // A plugin that gives up (or crashes) after a write was refused failed
-            // because of the limit, whatever words it found for it.
-            _ if writer.refused() => PluginError::ImageTooLarge {
-                limit: output_limit,
-                reason: error.to_string(),
-            },
-            _ => error,
-        })?;
-        writer
-            .sync()
-            .map_err(|e| PluginError::Host(format!("flushing the image: {e}")))?;
-        Ok(BuildOutput {
-            format: format_from_wit(output.format),
-            virtual_size: output.virtual_size,
+        self.counted("build", || {
+            let (mut store, instance) = self.instantiate(context)?;
+            let reader = DiskReader::open(base)
+                .map_err(|e| PluginError::Host(format!("opening the base disk: {e}")))?;
+            let writer = DiskWriter::create(output, output_limit)
+                .map_err(|e| PluginError::Host(format!("creating the output disk: {e}")))?;
+            let table = &mut store.data_mut().table;
+            let reader = table
+                .push(reader)
+                .map_err(|e| PluginError::Host(e.to_string()))?;
+            let writer = table
+                .push(writer)
+                .map_err(|e| PluginError::Host(e.to_string()))?;
+            let writer_handle = Resource::<DiskWriter>::new_borrow(writer.rep());
+            let template = wit::Template {
+                xml: template.xml.clone(),
+                name: template.name.clone(),
+                os_name: template.os_name.clone(),
+                os_version: template.os_version.clone(),
+                arch: template.arch.clone(),
+                disk_size: template.disk_size,
+            };
+            let result = instance
+                .conductor_provider_provider()
+                .call_build(
+                    &mut store,
+                    &template,
+                    Resource::new_borrow(reader.rep()),
+                    writer_handle,
+                    parameters,
+                )
+                .map_err(|e| self.trap(e, &store))
+                .and_then(|answer| answer.map_err(PluginError::from))
+                .map_err(|e| self.denied(&store, e));
+            let writer = store
+                .data()
+                .table
+                .get(&writer)
+                .map_err(|e| PluginError::Host(e.to_string()))?;
+            let output = result.map_err(|error| match error {
+                // The sandbox's own reasons stand as they are.
+                PluginError::Timeout(_)
+                | PluginError::OutOfFuel(_)
+                | PluginError::OutOfMemory(_)
+                | PluginError::Cancelled
+                | PluginError::Shutdown
+                | PluginError::Host(_) => error,
+                // A plugin that gives up (or crashes) after a write was refused failed
+                // because of the limit, whatever words it found for it.
+                _ if writer.refused() => PluginError::ImageTooLarge {
+                    limit: output_limit,
+                    reason: error.to_string(),
+                },
+                _ => error,
+            })?;
+            writer
+                .sync()
+                .map_err(|e| PluginError::Host(format!("flushing the image: {e}")))?;
+            Ok(BuildOutput {
+                format: format_from_wit(output.format),
+                virtual_size: output.virtual_size,
+            })
         })
     }
 
@@ -838,39 +857,43 @@ impl Plugin {
         name: &str,
         parameters: &[(String, String)],
     ) -> Result<String, PluginError> {
-        let (mut store, instance) = self.instantiate(context)?;
-        let reader = DiskReader::open(image)
-            .map_err(|e| PluginError::Host(format!("opening the image: {e}")))?;
-        let reader = store
-            .data_mut()
-            .table
-            .push(reader)
-            .map_err(|e| PluginError::Host(e.to_string()))?;
-        let (provider, account) = wit_target(target);
-        let result = instance
-            .conductor_provider_provider()
-            .call_push(
-                &mut store,
-                &provider,
-                &account,
-                Resource::new_borrow(reader.rep()),
-                name,
-                parameters,
-            )
-            .map_err(|e| self.trap(e, &store))
-            .map_err(|e| self.denied(&store, e))?;
-        result.map_err(|e| self.denied(&store, PluginError::from(e)))
+        self.counted("push", || {
+            let (mut store, instance) = self.instantiate(context)?;
+            let reader = DiskReader::open(image)
+                .map_err(|e| PluginError::Host(format!("opening the image: {e}")))?;
+            let reader = store
+                .data_mut()
+                .table
+                .push(reader)
+                .map_err(|e| PluginError::Host(e.to_string()))?;
+            let (provider, account) = wit_target(target);
+            let result = instance
+                .conductor_provider_provider()
+                .call_push(
+                    &mut store,
+                    &provider,
+                    &account,
+                    Resource::new_borrow(reader.rep()),
+                    name,
+                    parameters,
+                )
+                .map_err(|e| self.trap(e, &store))
+                .map_err(|e| self.denied(&store, e))?;
+            result.map_err(|e| self.denied(&store, PluginError::from(e)))
+        })
     }
 
     /// Asks the provider whether the account's credentials work.
     pub fn check_account(&self, context: CallContext, target: &Target) -> Result<(), PluginError> {
-        let (mut store, instance) = self.instantiate(context)?;
-        let (provider, account) = wit_target(target);
-        instance
-            .conductor_provider_provider()
-            .call_check_account(&mut store, &provider, &account)
-            .map_err(|e| self.trap(e, &store))?
-            .map_err(|e| self.denied(&store, PluginError::from(e)))
+        self.counted("check-account", || {
+            let (mut store, instance) = self.instantiate(context)?;
+            let (provider, account) = wit_target(target);
+            instance
+                .conductor_provider_provider()
+                .call_check_account(&mut store, &provider, &account)
+                .map_err(|e| self.trap(e, &store))?
+                .map_err(|e| self.denied(&store, PluginError::from(e)))
+        })
     }
 }
 
@@ -890,13 +913,15 @@ impl Plugin {
         target: &Target,
         identifier: &str,
     ) -> Result<(), PluginError> {
-        let (mut store, instance) = self.instantiate(context)?;
-        let (provider, account) = wit_target(target);
-        instance
-            .conductor_provider_provider()
-            .call_delete(&mut store, &provider, &account, identifier)
-            .map_err(|e| self.trap(e, &store))?
-            .map_err(|e| self.denied(&store, PluginError::from(e)))
+        self.counted("delete", || {
+            let (mut store, instance) = self.instantiate(context)?;
+            let (provider, account) = wit_target(target);
+            instance
+                .conductor_provider_provider()
+                .call_delete(&mut store, &provider, &account, identifier)
+                .map_err(|e| self.trap(e, &store))?
+                .map_err(|e| self.denied(&store, PluginError::from(e)))
+        })
     }
 
     /// Finds an existing image on the provider.
@@ -906,17 +931,19 @@ impl Plugin {
         target: &Target,
         identifier: &str,
     ) -> Result<ImageDetails, PluginError> {
-        let (mut store, instance) = self.instantiate(context)?;
-        let (provider, account) = wit_target(target);
-        let details = instance
-            .conductor_provider_provider()
-            .call_lookup(&mut store, &provider, &account, identifier)
-            .map_err(|e| self.trap(e, &store))?
-            .map_err(|e| self.denied(&store, PluginError::from(e)))?;
-        Ok(ImageDetails {
-            target_identifier: details.target_identifier,
-            name: details.name,
-            arch: details.arch,
+        self.counted("lookup", || {
+            let (mut store, instance) = self.instantiate(context)?;
+            let (provider, account) = wit_target(target);
+            let details = instance
+                .conductor_provider_provider()
+                .call_lookup(&mut store, &provider, &account, identifier)
+                .map_err(|e| self.trap(e, &store))?
+                .map_err(|e| self.denied(&store, PluginError::from(e)))?;
+            Ok(ImageDetails {
+                target_identifier: details.target_identifier,
+                name: details.name,
+                arch: details.arch,
+            })
         })
     }
 }

@@ -1,0 +1,129 @@
+//! How the server is run: TLS, and settings from a config file under flags and
+//! environment variables.
+
+use crate::harness::{PASSWORD, Server};
+
+#[tokio::test]
+async fn with_a_certificate_the_api_is_served_over_tls_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("a self-signed certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            key.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
+        )
+        .build()
+        .expect("client");
+    let answer = trusting
+        .get(format!("{}/api/images", server.url))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await
+        .expect("an HTTPS answer");
+    assert_eq!(answer.status().as_u16(), 200);
+    let body = answer.text().await.expect("body");
+    assert!(body.contains("<images"), "{body}");
+    // A client that does not trust the certificate gets no answer; plain HTTP neither.
+    assert!(
+        reqwest::get(format!("{}/api", server.url)).await.is_err(),
+        "an untrusted certificate was accepted"
+    );
+    let plain = server.url.replacen("https://", "http://", 1);
+    let refused = reqwest::Client::new()
+        .get(format!("{plain}/api"))
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        refused.is_err() || refused.is_ok_and(|r| !r.status().is_success()),
+        "plain HTTP was served"
+    );
+}
+
+#[test]
+fn a_certificate_that_cannot_be_read_stops_the_server_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "not a certificate").expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&cert)
+        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
+        .output()
+        .expect("run conductor");
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("cert.pem"), "{said}");
+}
+
+#[tokio::test]
+async fn a_config_file_sets_what_flags_and_the_environment_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("conductor.toml");
+    std::fs::write(
+        &file,
+        "external_url = \"https://images.example.com\"\nworkers = 2\n\
+         plugin_limits = [\"mock:timeout=30s\", \"*:memory=128MiB\"]\n",
+    )
+    .expect("write config");
+    let from_file = Server::start_with(
+        &dir.path().join("one"),
+        &["--config", file.to_str().expect("utf-8")],
+    );
+    let entry = from_file.get("/api").await;
+    assert!(
+        entry.body.contains("https://images.example.com/api/images"),
+        "{}",
+        entry.body
+    );
+    // A flag wins over the file.
+    let flagged = Server::start_with(
+        &dir.path().join("two"),
+        &[
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--external-url",
+            "https://flag.example.com",
+        ],
+    );
+    let entry = flagged.get("/api").await;
+    assert!(
+        entry.body.contains("https://flag.example.com/api/images"),
+        "{}",
+        entry.body
+    );
+
+    // An unknown setting stops the server and names itself.
+    std::fs::write(&file, "listne = \"127.0.0.1:0\"\n").expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
+        .output()
+        .expect("run conductor");
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("unknown setting 'listne'"), "{said}");
+}
