@@ -175,7 +175,8 @@ async fn the_requests_of_todays_aeolus_cli_get_the_replies_it_needs() {
     );
 
     // The world the recordings assume: an ec2-acc account whose provider holds
-    // ami-5592553c (the mock plugin stands in for ec2 until that plugin exists).
+    // ami-5592553c. No emulator can be made to hold an AMI of a given id, so the mock
+    // plugin stands in for ec2 here; tests/api/ec2.rs tests the ec2 plugin itself.
     let provider = server
         .post("/api/providers", "<provider><name>ec2-us-east-1</name><provider_type id='mock'/><settings><setting name='images'>ami-5592553c</setting></settings></provider>")
         .await;
@@ -239,8 +240,8 @@ async fn the_requests_of_todays_aeolus_cli_get_the_replies_it_needs() {
             continue;
         }
         let mut body = swap(&r.body);
-        // ec2 is not a plugin here yet: `-T mock,ec2` builds mock and testbed, and
-        // `-T ec2` builds mock. Everything else of these requests is as recorded.
+        // The stand-in world has no ec2 account: `-T mock,ec2` builds mock and testbed,
+        // and `-T ec2` builds mock. Everything else of these requests is as recorded.
         body = body
             .replace(
                 "<targets>mock,ec2</targets>",

@@ -147,7 +147,16 @@ async fn the_client_prints_the_servers_code_and_message_and_fails() {
     let made = json(conductor(
         &server,
         &[
-            "--output", "json", "provider", "create", "--name", "mock-two", "--type", "mock",
+            "--output",
+            "json",
+            "provider",
+            "create",
+            "--name",
+            "mock-two",
+            "--type",
+            "mock",
+            "--setting",
+            "images=Mock_held_1",
         ],
     ));
     let id = made["provider"]["id"].as_str().expect("an id").to_owned();
@@ -174,6 +183,40 @@ async fn the_client_prints_the_servers_code_and_message_and_fails() {
     );
     let providers = ok(conductor(&server, &["provider", "list"]));
     assert!(providers.contains("mock-two"), "{providers}");
+
+    // An account in the default environment, and an image it holds imported.
+    ok(conductor(
+        &server,
+        &[
+            "account",
+            "create",
+            "--provider",
+            &id,
+            "--label",
+            "two-acc",
+            "--credential",
+            "username=u",
+            "--credential",
+            "password=p",
+            "--environment",
+            "1",
+        ],
+    ));
+    ok(conductor(
+        &server,
+        &[
+            "image",
+            "import",
+            "--identifier",
+            "Mock_held_1",
+            "--account",
+            "two-acc",
+            "--name",
+            "held",
+        ],
+    ));
+    let listed = ok(conductor(&server, &["image", "list"]));
+    assert!(listed.contains("held"), "{listed}");
 
     // Server and credentials from a client config file alone.
     let file = dir.path().join("client.toml");

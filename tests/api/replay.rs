@@ -240,8 +240,10 @@ const NORMALISATIONS: &[Norm] = &[
         parent: "provider",
         child: "settings",
     },
-    // Stand-in, no row: there is no ec2 plugin yet, so the `testbed` test plugin builds
-    // what the recordings build for ec2. Remove with the ec2 plugin.
+    // Stand-in, no row: the recordings build for ec2 with an account that holds AMIs
+    // by recorded ids, which no emulator can be made to hold; the `testbed` test plugin
+    // builds what they build for ec2, so the replay needs no cloud. The ec2 plugin
+    // itself is tested against its emulator in tests/api/ec2.rs.
     Norm::Request {
         recorded: "<targets>ec2</targets>",
         ours: "<targets>testbed</targets>",
@@ -261,7 +263,7 @@ const NORMALISATIONS: &[Norm] = &[
     },
     // Stand-in, no row: the recordings' ec2 provider (ec2-us-east-1, account ec2-acc) is
     // a provider of that name of type mock, whose `images` setting holds the images the
-    // recordings import. Remove with the ec2 plugin.
+    // recordings import (AMI ids an emulator cannot be made to hold).
     Norm::Synonym {
         element: "provider_type",
         recorded: "ec2",

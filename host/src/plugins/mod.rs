@@ -567,6 +567,25 @@ impl wit_host::HostDiskReader for State {
             }))
     }
 
+    fn data_runs(
+        &mut self,
+        disk: Resource<DiskReader>,
+        offset: u64,
+        length: u64,
+        granule: u32,
+    ) -> wasmtime::Result<Result<Vec<wit_host::Extent>, wit::Error>> {
+        Ok(self
+            .table
+            .get(&disk)?
+            .data_runs(offset, length, granule)
+            .map_err(io_error)
+            .map(|runs| {
+                runs.into_iter()
+                    .map(|(offset, length)| wit_host::Extent { offset, length })
+                    .collect()
+            }))
+    }
+
     fn drop(&mut self, disk: Resource<DiskReader>) -> wasmtime::Result<()> {
         self.table.delete(disk)?;
         Ok(())
@@ -593,6 +612,21 @@ impl wit_host::HostDiskWriter for State {
         size: u64,
     ) -> wasmtime::Result<Result<(), wit::Error>> {
         Ok(self.table.get(&disk)?.set_size(size).map_err(io_error))
+    }
+
+    fn copy_from(
+        &mut self,
+        disk: Resource<DiskWriter>,
+        source: Resource<DiskReader>,
+        offset: u64,
+        length: u64,
+        at: u64,
+    ) -> wasmtime::Result<Result<(), wit::Error>> {
+        let source = self.table.get(&source)?;
+        let writer = self.table.get(&disk)?;
+        Ok(writer
+            .copy_from(source, offset, length, at)
+            .map_err(io_error))
     }
 
     fn drop(&mut self, disk: Resource<DiskWriter>) -> wasmtime::Result<()> {

@@ -78,20 +78,53 @@ impl crate::Source for HostSource<'_> {
             .read(offset, len)
             .map_err(|e| crate::Error(e.message().to_owned()))
     }
+
+    fn data_runs(
+        &self,
+        offset: u64,
+        len: u64,
+        granule: u64,
+    ) -> Option<Result<Vec<(u64, u64)>, crate::Error>> {
+        let granule = u32::try_from(granule).ok()?;
+        Some(
+            self.0
+                .data_runs(offset, len, granule)
+                .map(|runs| runs.iter().map(|e| (e.offset, e.length)).collect())
+                .map_err(|e| crate::Error(e.message().to_owned())),
+        )
+    }
 }
 
-/// The host's disk writer as the image writers' sink.
-pub struct HostSink<'a>(pub &'a DiskWriter);
+/// The host's disk writer as the image writers' sink; with the reader it is written
+/// from, it copies data inside the host.
+pub struct HostSink<'a> {
+    pub writer: &'a DiskWriter,
+    pub source: Option<&'a DiskReader>,
+}
 
 impl crate::Sink for HostSink<'_> {
+    fn copy_from_source(
+        &mut self,
+        offset: u64,
+        len: u64,
+        at: u64,
+    ) -> Option<Result<(), crate::Error>> {
+        let source = self.source?;
+        Some(
+            self.writer
+                .copy_from(source, offset, len, at)
+                .map_err(|e| crate::Error(e.message().to_owned())),
+        )
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), crate::Error> {
-        self.0
+        self.writer
             .write(offset, data)
             .map_err(|e| crate::Error(e.message().to_owned()))
     }
 
     fn set_size(&mut self, size: u64) -> Result<(), crate::Error> {
-        self.0
+        self.writer
             .set_size(size)
             .map_err(|e| crate::Error(e.message().to_owned()))
     }
@@ -110,7 +143,10 @@ pub fn write_disk(
     crate::write_image(
         format,
         &HostSource(base),
-        &mut HostSink(output),
+        &mut HostSink {
+            writer: output,
+            source: Some(base),
+        },
         &mut |done, total| {
             let percent = (done * u64::from(up_to) / total.max(1)) as u8;
             if percent != last {

@@ -26,6 +26,17 @@ pub trait Source {
     fn extents(&self) -> Result<Vec<(u64, u64)>, Error>;
     /// Up to `len` bytes at `offset` (fewer only at the end).
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error>;
+    /// The runs of `granule`-byte blocks in `offset..offset + len` that hold anything but
+    /// zeros, if this source can tell without handing the bytes over (the host's disks
+    /// can); `None` when it cannot, and the writers read and look themselves.
+    fn data_runs(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _granule: u64,
+    ) -> Option<Result<Vec<(u64, u64)>, Error>> {
+        None
+    }
 }
 
 /// Where the image is written. Regions never written read as zeros.
@@ -34,6 +45,19 @@ pub trait Sink {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Error>;
     /// Sets the image file's length in bytes.
     fn set_size(&mut self, size: u64) -> Result<(), Error>;
+    /// Copies `len` bytes at `offset` of the source being written to byte `at` of the
+    /// image without handing them over, if this sink can (the host's can); `None` when
+    /// it cannot.
+    fn copy_from_source(&mut self, _offset: u64, _len: u64, _at: u64) -> Option<Result<(), Error>> {
+        None
+    }
+}
+
+/// Whether `source` and `sink` can pass data through without it being read: the writers
+/// then only ask where the data is and have it copied.
+pub(crate) fn passes_through(source: &dyn Source, sink: &mut dyn Sink) -> bool {
+    source.data_runs(0, 0, 512).is_some_and(|r| r.is_ok())
+        && sink.copy_from_source(0, 0, 0).is_some_and(|r| r.is_ok())
 }
 
 /// Why writing an image failed: a message for people, passed through from the source or
@@ -168,8 +192,22 @@ pub(crate) fn for_each_chunk(
     progress: &mut dyn FnMut(u64, u64),
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    debug_assert!(CHUNK.is_multiple_of(granule));
     let size = source.size();
+    for_each_window(source, granule, progress, |pos, len| {
+        let data = read_padded(source, pos, len, size)?;
+        visit(pos, &data)
+    })
+}
+
+/// The windows [`for_each_chunk`] reads, `(offset, length)`, without reading them: for
+/// writers whose source says where its data is and whose sink copies it.
+pub(crate) fn for_each_window(
+    source: &dyn Source,
+    granule: u64,
+    progress: &mut dyn FnMut(u64, u64),
+    mut visit: impl FnMut(u64, u64) -> Result<(), Error>,
+) -> Result<(), Error> {
+    debug_assert!(CHUNK.is_multiple_of(granule));
     let extents = clean_extents(source)?;
     let total = extents.iter().map(|&(_, len)| len).sum();
     let mut covered = Covered {
@@ -198,8 +236,7 @@ pub(crate) fn for_each_chunk(
         pos = start;
         while pos < end {
             let chunk_end = end.min((pos / CHUNK + 1) * CHUNK);
-            let data = read_padded(source, pos, chunk_end - pos, size)?;
-            visit(pos, &data)?;
+            visit(pos, chunk_end - pos)?;
             pos = chunk_end;
             progress(covered.below(pos), total);
         }

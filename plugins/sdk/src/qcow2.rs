@@ -10,7 +10,9 @@
 //! in memory, whatever the disk's size. The header is written last: until then the file
 //! does not claim to be a qcow2 image.
 
-use crate::{Error, Sink, Source, chunk_usize, for_each_chunk, is_zero};
+use crate::{
+    Error, Sink, Source, chunk_usize, for_each_chunk, for_each_window, is_zero, passes_through,
+};
 
 /// log2 of the cluster size; the spec allows 9 to 21 and QEMU defaults to 16.
 const CLUSTER_BITS: u32 = 16;
@@ -61,9 +63,24 @@ pub(crate) fn write(
         l2_index: 0,
         l2_used: false,
     };
-    for_each_chunk(source, CLUSTER, progress, |offset, data| {
-        writer.data(offset, data)
-    })?;
+    if passes_through(source, writer.sink) {
+        // The source says which clusters hold data and the sink copies them: the bytes
+        // are never read here, which is most of the work on a full disk.
+        let source_size = source.size();
+        for_each_window(source, CLUSTER, progress, |offset, len| {
+            let runs = source
+                .data_runs(offset, len, CLUSTER)
+                .unwrap_or_else(|| Err(Error("the source stopped finding data runs".into())))?;
+            for (run, run_len) in runs {
+                writer.copy_run(run, run_len, source_size)?;
+            }
+            Ok(())
+        })?;
+    } else {
+        for_each_chunk(source, CLUSTER, progress, |offset, data| {
+            writer.data(offset, data)
+        })?;
+    }
     writer.finish(size)
 }
 
@@ -108,6 +125,39 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Has the sink copy the clusters of `offset..offset + len` (cluster-aligned, within
+    /// one L2 table's range) from the source to consecutive host clusters, and maps them.
+    /// The last cluster of a disk that ends inside it is copied only up to the end; the
+    /// rest of it is never written and reads as zeros.
+    fn copy_run(&mut self, offset: u64, len: u64, source_size: u64) -> Result<(), Error> {
+        let l1_index = offset / (CLUSTER * L2_ENTRIES);
+        if l1_index != self.l2_index {
+            self.flush_l2()?;
+            self.l2_index = l1_index;
+        }
+        let host = self.next_cluster * CLUSTER;
+        let copied = len.min(source_size.saturating_sub(offset));
+        self.sink
+            .copy_from_source(offset, copied, host)
+            .unwrap_or_else(|| Err(Error("the sink stopped copying".into())))?;
+        self.map(offset / CLUSTER, len / CLUSTER, host);
+        Ok(())
+    }
+
+    /// Maps `count` guest clusters from `first_guest` to consecutive host clusters from
+    /// byte `host`, in the current L2 table.
+    fn map(&mut self, first_guest: u64, count: u64, host: u64) {
+        for k in 0..count {
+            // A standard cluster descriptor: host offset in bits 9-55, bit 0 ("reads as
+            // zeros") and bit 62 (compressed) clear.
+            let entry = (host + k * CLUSTER) | COPIED;
+            let slot = chunk_usize(((first_guest + k) % L2_ENTRIES) * 8);
+            self.l2[slot..slot + 8].copy_from_slice(&entry.to_be_bytes());
+        }
+        self.next_cluster += count;
+        self.l2_used = true;
+    }
+
     /// Writes clusters `start..end` of the chunk at `offset` to consecutive host clusters,
     /// in one call, and maps them in the current L2 table.
     fn write_run(
@@ -121,16 +171,7 @@ impl Writer<'_> {
         let host = self.next_cluster * CLUSTER;
         self.sink
             .write(host, &data[start * cluster..end * cluster])?;
-        let first_guest = offset / CLUSTER + start as u64;
-        for k in 0..(end - start) as u64 {
-            // A standard cluster descriptor: host offset in bits 9-55, bit 0 ("reads as
-            // zeros") and bit 62 (compressed) clear.
-            let entry = (host + k * CLUSTER) | COPIED;
-            let slot = chunk_usize(((first_guest + k) % L2_ENTRIES) * 8);
-            self.l2[slot..slot + 8].copy_from_slice(&entry.to_be_bytes());
-        }
-        self.next_cluster += (end - start) as u64;
-        self.l2_used = true;
+        self.map(offset / CLUSTER + start as u64, (end - start) as u64, host);
         Ok(())
     }
 

@@ -3,7 +3,9 @@
 //! leaves holes in a sparse sink and costs nothing in one that is not, since the [`Sink`]
 //! contract says unwritten regions read as zeros.
 
-use crate::{Error, Sink, Source, chunk_usize, for_each_chunk, is_zero};
+use crate::{
+    Error, Sink, Source, chunk_usize, for_each_chunk, for_each_window, is_zero, passes_through,
+};
 
 /// The unit in which zero data is detected and skipped. 64 KiB keeps the number of writes
 /// low on mixed data while still leaving out the large zero runs of a typical disk.
@@ -18,6 +20,21 @@ pub(crate) fn write(
     // Setting the length first lets a sink preallocate or truncate, and makes a disk that
     // ends in zeros come out at its full size even though those zeros are never written.
     sink.set_size(size)?;
+    if passes_through(source, sink) {
+        // Only where the data is is asked; the sink copies it, unread here.
+        return for_each_window(source, BLOCK, progress, |offset, len| {
+            let runs = source
+                .data_runs(offset, len, BLOCK)
+                .unwrap_or_else(|| Err(Error("the source stopped finding data runs".into())))?;
+            for (run, run_len) in runs {
+                let copied = run_len.min(size.saturating_sub(run));
+                sink.copy_from_source(run, copied, run)
+                    .unwrap_or_else(|| Err(Error("the sink stopped copying".into())))?;
+            }
+            Ok(())
+        })
+        .map(|()| size);
+    }
     let block = chunk_usize(BLOCK);
     for_each_chunk(source, BLOCK, progress, |offset, data| {
         // The chunk is padded with zeros past the source's end; those bytes are not

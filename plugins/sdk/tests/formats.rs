@@ -24,13 +24,21 @@ struct FileSource {
     file: File,
     size: u64,
     sparse: bool,
+    /// Whether it answers `data_runs`, as the host's disks do, so the writers take the
+    /// path where the sink copies the data unread.
+    in_place: bool,
 }
 
 impl FileSource {
     fn open(path: &Path, sparse: bool) -> Self {
         let file = File::open(path).expect("open source");
         let size = file.metadata().expect("source metadata").len();
-        FileSource { file, size, sparse }
+        FileSource {
+            file,
+            size,
+            sparse,
+            in_place: false,
+        }
     }
 }
 
@@ -79,9 +87,38 @@ impl Source for FileSource {
             .map_err(io_error)?;
         Ok(buffer)
     }
+
+    fn data_runs(
+        &self,
+        offset: u64,
+        len: u64,
+        granule: u64,
+    ) -> Option<Result<Vec<(u64, u64)>, Error>> {
+        if !self.in_place {
+            return None;
+        }
+        let end = (offset + len).min(self.size);
+        let mut buffer = vec![0u8; end.saturating_sub(offset) as usize];
+        if let Err(e) = self.file.read_exact_at(&mut buffer, offset) {
+            return Some(Err(io_error(e)));
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (index, block) in buffer.chunks(granule as usize).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                let at = offset + index as u64 * granule;
+                match runs.last_mut() {
+                    Some((start, run)) if *start + *run == at => *run += granule,
+                    _ => runs.push((at, granule)),
+                }
+            }
+        }
+        Some(Ok(runs))
+    }
 }
 
-struct FileSink(File);
+/// A sink over a file; given the source's file, it copies from it itself, as the host
+/// does.
+struct FileSink(File, Option<File>);
 
 impl Sink for FileSink {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Error> {
@@ -90,6 +127,17 @@ impl Sink for FileSink {
 
     fn set_size(&mut self, size: u64) -> Result<(), Error> {
         self.0.set_len(size).map_err(io_error)
+    }
+
+    fn copy_from_source(&mut self, offset: u64, len: u64, at: u64) -> Option<Result<(), Error>> {
+        let source = self.1.as_ref()?;
+        let mut buffer = vec![0u8; len as usize];
+        Some(
+            source
+                .read_exact_at(&mut buffer, offset)
+                .and_then(|()| self.0.write_all_at(&buffer, at))
+                .map_err(io_error),
+        )
     }
 }
 
@@ -115,6 +163,11 @@ struct Written {
 }
 
 fn convert(format: Format, source: &Path, sparse: bool, dir: &Path) -> Written {
+    convert_as(format, source, sparse, false, dir)
+}
+
+/// As [`convert`]; with `in_place`, through the path where the sink copies data unread.
+fn convert_as(format: Format, source: &Path, sparse: bool, in_place: bool, dir: &Path) -> Written {
     let name = match format {
         Format::Raw => "out.raw",
         Format::Qcow2 => "out.qcow2",
@@ -124,7 +177,9 @@ fn convert(format: Format, source: &Path, sparse: bool, dir: &Path) -> Written {
         "{}-{name}",
         if sparse { "sparse" } else { "dense" }
     ));
-    let source = FileSource::open(source, sparse);
+    let source_path = source;
+    let mut source = FileSource::open(source, sparse);
+    source.in_place = in_place;
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -132,7 +187,10 @@ fn convert(format: Format, source: &Path, sparse: bool, dir: &Path) -> Written {
         .write(true)
         .open(&image)
         .expect("create image");
-    let mut sink = FileSink(file);
+    let mut sink = FileSink(
+        file,
+        in_place.then(|| File::open(source_path).expect("open source")),
+    );
     let mut reports = Vec::new();
     let image_size = write_image(format, &source, &mut sink, &mut |done, total| {
         reports.push((done, total));
@@ -370,5 +428,27 @@ fn dense_random_data() {
         assert_check(format, &written.image);
         assert_identical(format, &source, &written.image);
         assert_progress(&written.reports, size);
+    }
+}
+
+/// Raw and qcow2 through the path a plugin takes over the host's disks: the source says
+/// where the data is and the sink copies it, unread by the writer.
+#[test]
+fn data_passed_through_unread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scattered = dir.path().join("scattered.raw");
+    let data_clusters = scattered_disk(&scattered, BIG);
+    let dense = dir.path().join("dense.raw");
+    fs::write(&dense, noise(11, (16 * MIB + 512) as usize)).expect("write dense disk");
+    for format in [Format::Raw, Format::Qcow2] {
+        for (source, sparse) in [(&scattered, true), (&dense, true), (&scattered, false)] {
+            let written = convert_as(format, source, sparse, true, dir.path());
+            assert_check(format, &written.image);
+            assert_identical(format, source, &written.image);
+        }
+        let written = convert_as(format, &scattered, true, true, dir.path());
+        if format == Format::Qcow2 {
+            assert!(written.image_size <= (data_clusters + 8) * CLUSTER);
+        }
     }
 }
