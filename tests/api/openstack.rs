@@ -210,6 +210,24 @@ async fn push(s: &Setup, what: &str, accounts: &str, parameters: &str) -> Vec<St
     reply.ids("provider_image")
 }
 
+/// Pushes one target image to the account and waits for the push to end; answers the
+/// provider image's id and its last document.
+async fn push_one(s: &Setup, ti: &str, account: &str, parameters: &str) -> (String, Reply) {
+    let pi = push(
+        s,
+        &format!("<target_image_id>{ti}</target_image_id>"),
+        account,
+        parameters,
+    )
+    .await[0]
+        .clone();
+    let done = s
+        .server
+        .wait_terminal(&format!("/api/provider_images/{pi}"))
+        .await;
+    (pi, done)
+}
+
 async fn download(server: &Server, ti: &str, to: &Path) -> Vec<u8> {
     let response = server
         .request(
@@ -242,18 +260,7 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
     let account = ready_account(&s, "os", true).await;
     let (_, built) = build(&s, "openstack").await;
     let ti = built[0].1.clone();
-    let pi = push(
-        &s,
-        &format!("<target_image_id>{ti}</target_image_id>"),
-        &account,
-        "",
-    )
-    .await[0]
-        .clone();
-    let done = s
-        .server
-        .wait_terminal(&format!("/api/provider_images/{pi}"))
-        .await;
+    let (pi, done) = push_one(&s, &ti, &account, "").await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     let id = done.text("target_identifier");
 
@@ -349,18 +356,13 @@ async fn glance_refusing_the_format_fails_the_push_with_its_words() {
     let account = ready_account(&s, "os-format", true).await;
     let (_, built) = build(&s, "openstack").await;
     // The image is qcow2; Glance is told it is VMDK and checks.
-    let pi = push(
+    let (pi, done) = push_one(
         &s,
-        &format!("<target_image_id>{}</target_image_id>", built[0].1),
+        &built[0].1,
         &account,
         "<parameters><parameter name='disk_format'>vmdk</parameter></parameters>",
     )
-    .await[0]
-        .clone();
-    let done = s
-        .server
-        .wait_terminal(&format!("/api/provider_images/{pi}"))
-        .await;
+    .await;
     assert_eq!(done.text("status"), "FAILED", "{}", done.body);
     let error = done.text("error");
     assert!(
@@ -394,18 +396,7 @@ async fn a_catalog_endpoint_outside_the_grant_is_refused() {
     // provider's settings do not name.
     let account = ready_account(&s, "os-catalog", false).await;
     let (_, built) = build(&s, "openstack").await;
-    let pi = push(
-        &s,
-        &format!("<target_image_id>{}</target_image_id>", built[0].1),
-        &account,
-        "",
-    )
-    .await[0]
-        .clone();
-    let done = s
-        .server
-        .wait_terminal(&format!("/api/provider_images/{pi}"))
-        .await;
+    let (_, done) = push_one(&s, &built[0].1, &account, "").await;
     assert_eq!(done.text("status"), "FAILED", "{}", done.body);
     let glance = s.cloud.glance.trim_start_matches("http://");
     assert!(

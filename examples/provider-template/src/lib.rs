@@ -11,7 +11,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, export_provider, lookup, write_disk};
+use conductor_plugin_sdk::guest::{Guest, build_image, export_provider, lookup};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 
@@ -148,15 +148,9 @@ impl Guest for TemplateCloud {
     ) -> Result<BuildOutput, Error> {
         // A build has no provider: no state and no network, only the two disks.
         host::log(Level::Info, &format!("building '{}'", template.name));
-        // The SDK copies only the base disk's allocated data and reports progress up to
-        // 99 %; the last percent is reported once the image is complete.
-        write_disk(conductor_plugin_sdk::Format::Qcow2, base, output, 99)?;
-        host::progress(100, "build complete");
-        Ok(BuildOutput {
-            // Must be the format actually written: the server records it with the image.
-            format: DiskFormat::Qcow2,
-            virtual_size: base.size(),
-        })
+        // The SDK writes only the base disk's data (copied inside the server), reports
+        // progress, and answers the format it wrote, which the server records.
+        build_image(conductor_plugin_sdk::Format::Qcow2, base, output)
     }
 
     fn push(

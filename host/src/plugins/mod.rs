@@ -95,6 +95,22 @@ pub enum PluginError {
     Host(String),
 }
 
+impl PluginError {
+    /// Whether the server itself ended the call (a limit, a cancel, a shutdown, its own
+    /// failure): such a reason stands as it is, whatever the plugin did before.
+    fn is_the_servers(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Timeout(_)
+                | PluginError::OutOfFuel(_)
+                | PluginError::OutOfMemory(_)
+                | PluginError::Cancelled
+                | PluginError::Shutdown
+                | PluginError::Host(_)
+        )
+    }
+}
+
 impl From<wit::Error> for PluginError {
     fn from(e: wit::Error) -> Self {
         match e {
@@ -735,20 +751,13 @@ impl Plugin {
         Ok((store, instance))
     }
 
-    /// What a call that ended in an error from wasmtime means for the user: which limit
-    /// stopped it, or the crash.
     /// A failure after a refused request is the refusal's fault, whatever the plugin made
     /// of it ("connection reset", "unavailable"): said so, with the hosts involved, so
     /// it is not retried as a passing failure.
     fn denied(&self, store: &Store<State>, error: PluginError) -> PluginError {
         let grants = &store.data().grants;
         match error {
-            PluginError::Timeout(_)
-            | PluginError::OutOfFuel(_)
-            | PluginError::OutOfMemory(_)
-            | PluginError::Cancelled
-            | PluginError::Shutdown
-            | PluginError::Host(_) => error,
+            _ if error.is_the_servers() => error,
             _ if !grants.denied.is_empty() => PluginError::Denied {
                 hosts: grants.denied.join(", "),
                 granted: if grants.allowed.is_empty() {
@@ -761,6 +770,8 @@ impl Plugin {
         }
     }
 
+    /// What a call that ended in an error from wasmtime means for the user: which limit
+    /// stopped it, or the crash.
     fn trap(&self, error: wasmtime::Error, store: &Store<State>) -> PluginError {
         let trap = error.downcast_ref::<wasmtime::Trap>();
         if trap == Some(&wasmtime::Trap::Interrupt) {
@@ -858,12 +869,7 @@ impl Plugin {
                 .map_err(|e| PluginError::Host(e.to_string()))?;
             let output = result.map_err(|error| match error {
                 // The sandbox's own reasons stand as they are.
-                PluginError::Timeout(_)
-                | PluginError::OutOfFuel(_)
-                | PluginError::OutOfMemory(_)
-                | PluginError::Cancelled
-                | PluginError::Shutdown
-                | PluginError::Host(_) => error,
+                _ if error.is_the_servers() => error,
                 // A plugin that gives up (or crashes) after a write was refused failed
                 // because of the limit, whatever words it found for it.
                 _ if writer.refused() => PluginError::ImageTooLarge {

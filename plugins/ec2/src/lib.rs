@@ -25,7 +25,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, lookup, write_disk};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
 use conductor_plugin_sdk::http::{Pending, Request};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -103,12 +103,7 @@ impl Guest for Ec2 {
             Level::Info,
             &format!("building '{}' for ec2 (raw)", template.name),
         );
-        write_disk(conductor_plugin_sdk::Format::Raw, base, output, 99)?;
-        host::progress(100, "build complete");
-        Ok(BuildOutput {
-            format: DiskFormat::Raw,
-            virtual_size: base.size(),
-        })
+        build_image(conductor_plugin_sdk::Format::Raw, base, output)
     }
 
     fn push(

@@ -22,7 +22,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, lookup, write_disk};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha512};
@@ -239,9 +239,9 @@ impl Guest for OpenStack {
         output: &DiskWriter,
         parameters: Vec<(String, String)>,
     ) -> Result<BuildOutput, Error> {
-        let (format, wit_format) = match lookup(&parameters, "format").unwrap_or("qcow2") {
-            "qcow2" => (conductor_plugin_sdk::Format::Qcow2, DiskFormat::Qcow2),
-            "raw" => (conductor_plugin_sdk::Format::Raw, DiskFormat::Raw),
+        let format = match lookup(&parameters, "format").unwrap_or("qcow2") {
+            "qcow2" => conductor_plugin_sdk::Format::Qcow2,
+            "raw" => conductor_plugin_sdk::Format::Raw,
             other => {
                 return Err(Error::InvalidInput(format!(
                     "format={other} is not one of qcow2, raw"
@@ -252,12 +252,7 @@ impl Guest for OpenStack {
             Level::Info,
             &format!("building '{}' for openstack ({format:?})", template.name),
         );
-        write_disk(format, base, output, 99)?;
-        host::progress(100, "build complete");
-        Ok(BuildOutput {
-            format: wit_format,
-            virtual_size: base.size(),
-        })
+        build_image(format, base, output)
     }
 
     fn push(

@@ -29,7 +29,7 @@ pub use bindings::export_provider;
 pub use bindings::exports::conductor::provider::provider::Guest;
 
 use host::{DiskReader, DiskWriter};
-use types::Error;
+use types::{BuildOutput, DiskFormat, Error};
 
 /// The value of the pair named `name` in a list of parameters, settings or credentials.
 pub fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -156,4 +156,23 @@ pub fn write_disk(
         },
     )
     .map_err(|e| Error::Failed(format!("writing the {format:?} image: {e}")))
+}
+
+/// The whole of a build for targets that take the base disk as it is, in `format`:
+/// the image written with progress, 100 % reported, and what the server records.
+pub fn build_image(
+    format: crate::Format,
+    base: &DiskReader,
+    output: &DiskWriter,
+) -> Result<BuildOutput, Error> {
+    write_disk(format, base, output, 99)?;
+    host::progress(100, "build complete");
+    Ok(BuildOutput {
+        format: match format {
+            crate::Format::Raw => DiskFormat::Raw,
+            crate::Format::Qcow2 => DiskFormat::Qcow2,
+            crate::Format::Vmdk => DiskFormat::Vmdk,
+        },
+        virtual_size: base.size(),
+    })
 }
