@@ -308,6 +308,14 @@ impl Client {
         }
     }
 
+    /// An answer as JSON, whether it came as JSON or (for `--output xml`) as XML.
+    fn parse(&self, body: &str) -> anyhow::Result<Value> {
+        match self.output {
+            Output::Xml => crate::api::json::from_xml(body.as_bytes()).map_err(anyhow::Error::msg),
+            _ => Ok(serde_json::from_str(body)?),
+        }
+    }
+
     async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let (_, text) = self.send(reqwest::Method::GET, path, None, true).await?;
         Ok(serde_json::from_str(&text)?)
@@ -466,9 +474,14 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 parameters_xml(&parameters)
             );
             let (_, text_body) = client
-                .send(Method::POST, "/images", Some(body), true)
+                .send(
+                    Method::POST,
+                    "/images",
+                    Some(body),
+                    client.output != Output::Xml,
+                )
                 .await?;
-            let answer: Value = serde_json::from_str(&text_body)?;
+            let answer = client.parse(&text_body)?;
             let mut targets = Vec::new();
             linked_ids(&answer, "target_images", &mut targets);
             let mut images = Vec::new();
@@ -497,9 +510,14 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 parameters_xml(&parameters)
             );
             let (_, text_body) = client
-                .send(Method::POST, "/provider_images", Some(body), true)
+                .send(
+                    Method::POST,
+                    "/provider_images",
+                    Some(body),
+                    client.output != Output::Xml,
+                )
                 .await?;
-            let answer: Value = serde_json::from_str(&text_body)?;
+            let answer = client.parse(&text_body)?;
             let mut pushed = Vec::new();
             linked_ids(&answer, "provider_images", &mut pushed);
             report_created(&client, &answer, &text_body, "provider image", &pushed)?;
@@ -605,8 +623,6 @@ fn report_created(
 ) -> anyhow::Result<()> {
     match client.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(answer)?),
-        // The XML is the server's own document, asked for again would be a second
-        // request; the JSON answer renders the same fields.
         Output::Xml => println!("{raw}"),
         Output::Table => {
             for id in ids {
@@ -787,17 +803,18 @@ pub async fn account(connection: &Connection, command: AccountCommand) -> anyhow
                 "<provider_account><label>{}</label><credentials>{credentials}</credentials></provider_account>",
                 esc(&label)
             );
+            // Asked as JSON whatever the output, for the new account's id.
             let (_, text_body) = client
                 .send(
                     Method::POST,
                     &format!("/providers/{provider}/provider_accounts"),
                     Some(body),
-                    client.output != Output::Xml,
+                    true,
                 )
                 .await?;
+            let answer: Value = serde_json::from_str(&text_body)?;
+            let id = text(&root(&answer)["id"]);
             if let Some(environment) = environment {
-                let answer: Value = serde_json::from_str(&text_body)?;
-                let id = text(&root(&answer)["id"]);
                 client
                     .send(
                         Method::PUT,
@@ -808,9 +825,21 @@ pub async fn account(connection: &Connection, command: AccountCommand) -> anyhow
                     .await?;
             }
             match client.output {
-                Output::Table => Some(serde_json::from_str(&text_body)?),
-                _ => {
-                    println!("{text_body}");
+                Output::Table => Some(answer),
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&answer)?);
+                    None
+                }
+                Output::Xml => {
+                    let (_, xml) = client
+                        .send(
+                            Method::GET,
+                            &format!("/provider_accounts/{id}"),
+                            None,
+                            false,
+                        )
+                        .await?;
+                    println!("{xml}");
                     None
                 }
             }

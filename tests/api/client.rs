@@ -121,6 +121,28 @@ async fn the_client_builds_waits_pushes_lists_and_deletes() {
     assert_eq!(states, ["COMPLETE", "COMPLETE"]);
     let xml = ok(conductor(s, &["--output", "xml", "image", "show", &image]));
     assert!(roxmltree::Document::parse(&xml).is_ok(), "{xml}");
+    // A build asked for in XML answers the server's XML document.
+    let xml = ok(conductor(
+        s,
+        &[
+            "--output",
+            "xml",
+            "image",
+            "build",
+            "--template",
+            TEMPLATE,
+            "--targets",
+            "mock",
+        ],
+    ));
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    assert_eq!(doc.root_element().tag_name().name(), "image");
+    let second = doc
+        .root_element()
+        .attribute("id")
+        .expect("the image's id")
+        .to_owned();
+    ok(conductor(s, &["image", "delete", &second]));
 
     // Delete, and it is gone.
     ok(conductor(s, &["image", "delete", &image]));
