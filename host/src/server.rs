@@ -35,6 +35,11 @@ pub struct Config {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // A bad certificate stops the server before anything else, not at the first client.
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating the data directory {}", config.data.display()))?;
     let key = credential_key(&config)?;
@@ -58,12 +63,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     bootstrap(&store, &plugins, &config)?;
-
-    // A bad certificate stops the server before it starts, not at the first client.
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
-        None => None,
-    };
 
     let paths = Paths::new(&config.data).context("creating the image folders")?;
     // Work directories belong to jobs; every unfinished job starts over below.

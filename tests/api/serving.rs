@@ -76,6 +76,8 @@ fn a_certificate_that_cannot_be_read_stops_the_server_with_the_reason() {
     assert!(!output.status.success());
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(said.contains("cert.pem"), "{said}");
+    // Nothing was set up: no data directory, no admin made.
+    assert!(!dir.path().join("data").exists());
 }
 
 #[tokio::test]
