@@ -2,7 +2,8 @@
 //! one process-wide registry, rendered in Prometheus's text format.
 //!
 //! - `conductor_http_requests_total{method,status}`: API requests answered;
-//! - `conductor_jobs_running{kind}`: builds, pushes and deletes running now;
+//! - `conductor_jobs_waiting{kind}`, `conductor_jobs_running{kind}`: builds, pushes and
+//!   deletes waiting for a worker, and running, now;
 //! - `conductor_jobs_finished_total{kind,outcome}`: jobs that ended (`ok`, `failed`);
 //! - `conductor_job_duration_seconds{kind}`: how long finished jobs took, retries included;
 //! - `conductor_plugin_calls_total{target,call}` and
@@ -25,6 +26,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "conductor_http_requests_total",
         "counter",
         "API requests answered, by method and status code.",
+    ),
+    (
+        "conductor_jobs_waiting",
+        "gauge",
+        "Builds, pushes and provider-side deletes waiting for a worker now.",
     ),
     (
         "conductor_jobs_running",

@@ -346,6 +346,7 @@ async fn health_metrics_request_ids_and_json_logs() {
         "conductor_plugin_calls_total{target=\"mock\",call=\"build\"} 1",
         "conductor_job_duration_seconds_count{kind=\"build\"} 1",
         "conductor_jobs_running{kind=\"build\"} 0",
+        "conductor_jobs_waiting{kind=\"build\"} 0",
     ] {
         assert!(metrics.contains(line), "no {line} in:\n{metrics}");
     }

@@ -339,8 +339,12 @@ impl Jobs {
         let kind = format!("{:?}", job.kind).to_lowercase();
         let kind_label = [("kind", kind.as_str())];
         loop {
+            // Waiting for a worker (or for the limits of its target or environment).
+            crate::metrics::add("conductor_jobs_waiting", &kind_label, 1.0);
             let scoped = self.scoped_permits(&job).await;
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            let permit = self.permits.clone().acquire_owned().await;
+            crate::metrics::add("conductor_jobs_waiting", &kind_label, -1.0);
+            let Ok(permit) = permit else {
                 return Err("the server is shutting down".into());
             };
             let jobs = self.clone();
