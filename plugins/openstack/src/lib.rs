@@ -396,7 +396,25 @@ fn upload(session: &Session, id: &str, image: &DiskReader, size: u64) -> Result<
     if !answer.is_success() {
         return Err(failure("Glance upload", &answer));
     }
-    written?;
+    // Once every byte was handed over, a success stands even if closing the body raced
+    // Glance's answer (the connection may close as it answers); the hash check below
+    // judges what Glance stored. A body cut short is a failure whatever was answered.
+    if sent < size {
+        return Err(written.err().unwrap_or_else(|| {
+            Error::Failed(format!(
+                "the upload to Glance stopped at {sent} of {size} bytes"
+            ))
+        }));
+    }
+    if let Err(e) = written {
+        host::log(
+            Level::Debug,
+            &format!(
+                "closing the upload body after the last byte: {}",
+                e.message()
+            ),
+        );
+    }
     let ours = hex(&hash.finalize());
     host::progress(96, "waiting for Glance to make the image active");
     for attempt in 0u32.. {

@@ -242,7 +242,9 @@ impl BodyWriter {
         Ok(())
     }
 
-    /// Flushes and closes the body; the request is then complete.
+    /// Flushes and closes the body; the request is then complete. A server may answer,
+    /// and close the connection, as the last bytes arrive: this can then fail although
+    /// the upload went through, so once every byte was written, the answer decides.
     pub fn finish(mut self) -> Result<(), Error> {
         if let Some(stream) = self.stream.take() {
             stream.blocking_flush().map_err(|e| self.stream_error(e))?;
