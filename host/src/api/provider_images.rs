@@ -448,14 +448,7 @@ pub async fn cancel(
     user.require(env, Action::ManageImages)?;
     let outcome = blocking(&state, move |store| {
         let mut refused = None;
-        let updated = store.update_provider_image(id, |pi| {
-            if pi.progress.status.is_terminal() {
-                refused = Some(pi.progress.status);
-            } else {
-                pi.progress.status = crate::model::Status::Cancelled;
-                pi.progress.activity = "cancelled".into();
-            }
-        })?;
+        let updated = store.update_provider_image(id, |pi| refused = pi.progress.cancel().err())?;
         Ok((updated, refused))
     })
     .await?;

@@ -389,14 +389,7 @@ pub async fn cancel(
     user.require(env, Action::ManageImages)?;
     let outcome = blocking(&state, move |store| {
         let mut refused = None;
-        let updated = store.update_target_image(id, |ti| {
-            if ti.progress.status.is_terminal() {
-                refused = Some(ti.progress.status);
-            } else {
-                ti.progress.status = crate::model::Status::Cancelled;
-                ti.progress.activity = "cancelled".into();
-            }
-        })?;
+        let updated = store.update_target_image(id, |ti| refused = ti.progress.cancel().err())?;
         Ok((updated, refused))
     })
     .await?;

@@ -1032,7 +1032,7 @@ fn on_plugin_error(
             Ok(Step::Retry(pause))
         }
         PluginError::Cancelled => {
-            set(&cancelled)?;
+            set(&|progress| progress.mark_cancelled())?;
             Ok(Step::Done(Err("cancelled".into())))
         }
         PluginError::Shutdown => {
@@ -1045,11 +1045,6 @@ fn on_plugin_error(
             Ok(Step::Done(Err(reason)))
         }
     }
-}
-
-fn cancelled(progress: &mut model::Progress) {
-    progress.status = Status::Cancelled;
-    progress.activity = "cancelled".into();
 }
 
 /// Back to waiting: the job runs again when the server starts.

@@ -73,6 +73,21 @@ impl Progress {
             error: String::new(),
         }
     }
+
+    /// Marks the work cancelled, unless it already ended: then answers how it ended.
+    pub fn cancel(&mut self) -> Result<(), Status> {
+        if self.status.is_terminal() {
+            return Err(self.status);
+        }
+        self.mark_cancelled();
+        Ok(())
+    }
+
+    /// Marks the work cancelled.
+    pub fn mark_cancelled(&mut self) {
+        self.status = Status::Cancelled;
+        self.activity = "cancelled".into();
+    }
 }
 
 impl Default for Progress {
