@@ -22,14 +22,6 @@ export_provider!(TemplateCloud);
 /// How much is read at once: large reads keep the cost of crossing into the host small.
 const CHUNK: u64 = 4 << 20;
 
-fn credential(name: &str, input_type: &str) -> CredentialDefinition {
-    CredentialDefinition {
-        name: name.into(),
-        label: name.into(),
-        input_type: input_type.into(),
-    }
-}
-
 /// The provider's `endpoint` setting without a trailing `/`, if it has one.
 fn endpoint(provider: &Provider) -> Option<&str> {
     lookup(&provider.settings, "endpoint")
@@ -112,8 +104,8 @@ impl Guest for TemplateCloud {
             display_name: "Template cloud".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             credentials: vec![
-                credential("username", "text"),
-                credential("password", "password"),
+                CredentialDefinition::new("username", "username", "text"),
+                CredentialDefinition::new("password", "password", "password"),
             ],
             settings: vec!["endpoint".into()],
             format: DiskFormat::Qcow2,

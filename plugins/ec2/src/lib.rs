@@ -41,14 +41,6 @@ const AMI_TAG: &str = "conductor:ami";
 const AWS_BLOCK_SIZE: u64 = 512 << 10;
 const GIB: u64 = 1 << 30;
 
-fn credential(name: &str, label: &str, input_type: &str) -> CredentialDefinition {
-    CredentialDefinition {
-        name: name.into(),
-        label: label.into(),
-        input_type: input_type.into(),
-    }
-}
-
 impl Guest for Ec2 {
     fn info() -> ProviderInfo {
         ProviderInfo {
@@ -58,11 +50,11 @@ impl Guest for Ec2 {
             // Conductor's ec2 type: names as the API uses them, labels as people read them.
             // The x509 pair is for old bundle-based tooling and may be left out.
             credentials: vec![
-                credential("username", "access_key", "text"),
-                credential("password", "secret_access_key", "password"),
-                credential("account_id", "account_number", "text"),
-                credential("x509private", "key", "file?"),
-                credential("x509public", "certificate", "file?"),
+                CredentialDefinition::new("username", "access_key", "text"),
+                CredentialDefinition::new("password", "secret_access_key", "password"),
+                CredentialDefinition::new("account_id", "account_number", "text"),
+                CredentialDefinition::new("x509private", "key", "file?"),
+                CredentialDefinition::new("x509public", "certificate", "file?"),
             ],
             settings: vec!["region".into(), "endpoint".into()],
             format: DiskFormat::Raw,

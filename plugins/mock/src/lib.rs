@@ -121,16 +121,8 @@ impl Guest for Mock {
             display_name: "Mock".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             credentials: vec![
-                CredentialDefinition {
-                    name: "username".into(),
-                    label: "username".into(),
-                    input_type: "text".into(),
-                },
-                CredentialDefinition {
-                    name: "password".into(),
-                    label: "password".into(),
-                    input_type: "password".into(),
-                },
+                CredentialDefinition::new("username", "username", "text"),
+                CredentialDefinition::new("password", "password", "password"),
             ],
             settings: vec!["images".into()],
             format: DiskFormat::Raw,

@@ -39,6 +39,18 @@ pub fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> 
         .map(|(_, value)| value.as_str())
 }
 
+impl types::CredentialDefinition {
+    /// A credential accounts carry: its API `name`, the `label` people read, and its
+    /// input type (`text`, `password`, `file`; with `?` after it when optional).
+    pub fn new(name: &str, label: &str, input_type: &str) -> Self {
+        types::CredentialDefinition {
+            name: name.into(),
+            label: label.into(),
+            input_type: input_type.into(),
+        }
+    }
+}
+
 impl Error {
     /// The message, whatever the kind of failure.
     pub fn message(&self) -> &str {
