@@ -35,14 +35,6 @@ conductor_plugin_sdk::guest::export_provider!(OpenStack);
 const CHUNK: u64 = 4 << 20;
 const GIB: u64 = 1 << 30;
 
-fn credential(name: &str, input_type: &str) -> CredentialDefinition {
-    CredentialDefinition {
-        name: name.into(),
-        label: name.into(),
-        input_type: input_type.into(),
-    }
-}
-
 /// A scoped Keystone token and the Glance endpoint to use it with.
 struct Session {
     token: String,
@@ -212,9 +204,9 @@ impl Guest for OpenStack {
             display_name: "OpenStack".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             credentials: vec![
-                credential("username", "text"),
-                credential("password", "password"),
-                credential("project", "text"),
+                CredentialDefinition::new("username", "username", "text"),
+                CredentialDefinition::new("password", "password", "password"),
+                CredentialDefinition::new("project", "project", "text"),
             ],
             settings: vec![
                 "auth_url".into(),
@@ -396,25 +388,7 @@ fn upload(session: &Session, id: &str, image: &DiskReader, size: u64) -> Result<
     if !answer.is_success() {
         return Err(failure("Glance upload", &answer));
     }
-    // Once every byte was handed over, a success stands even if closing the body raced
-    // Glance's answer (the connection may close as it answers); the hash check below
-    // judges what Glance stored. A body cut short is a failure whatever was answered.
-    if sent < size {
-        return Err(written.err().unwrap_or_else(|| {
-            Error::Failed(format!(
-                "the upload to Glance stopped at {sent} of {size} bytes"
-            ))
-        }));
-    }
-    if let Err(e) = written {
-        host::log(
-            Level::Debug,
-            &format!(
-                "closing the upload body after the last byte: {}",
-                e.message()
-            ),
-        );
-    }
+    written?;
     let ours = hex(&hash.finalize());
     host::progress(96, "waiting for Glance to make the image active");
     for attempt in 0u32.. {

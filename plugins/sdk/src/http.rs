@@ -209,6 +209,8 @@ fn open(request: &Request, length: u64) -> Result<(Pending, BodyWriter), Error> 
             stream: Some(stream),
             body: Some(body),
             what,
+            length,
+            written: std::cell::Cell::new(0),
         },
     ))
 }
@@ -218,6 +220,9 @@ pub struct BodyWriter {
     stream: Option<OutputStream>,
     body: Option<OutgoingBody>,
     what: String,
+    /// The length the request declared, and how much of it was handed over.
+    length: u64,
+    written: std::cell::Cell<u64>,
 }
 
 impl BodyWriter {
@@ -237,17 +242,29 @@ impl BodyWriter {
             }
             let n = data.len().min(permitted as usize);
             stream.write(&data[..n]).map_err(|e| self.stream_error(e))?;
+            self.written.set(self.written.get() + n as u64);
             data = &data[n..];
         }
         Ok(())
     }
 
-    /// Flushes and closes the body; the request is then complete. A server may answer,
-    /// and close the connection, as the last bytes arrive: this can then fail although
-    /// the upload went through, so once every byte was written, the answer decides.
+    /// Flushes and closes the body; the request is then complete.
     pub fn finish(mut self) -> Result<(), Error> {
         if let Some(stream) = self.stream.take() {
-            stream.blocking_flush().map_err(|e| self.stream_error(e))?;
+            match stream.blocking_flush() {
+                Ok(()) => {}
+                // A server may answer, and the connection close, as the last bytes
+                // arrive: once every byte was handed over, the body is whole and the
+                // answer (collected from the `Pending`) says how the request went.
+                Err(StreamError::Closed) if self.written.get() == self.length => {
+                    drop(stream);
+                    if let Some(body) = self.body.take() {
+                        let _ = OutgoingBody::finish(body, None);
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(self.stream_error(e)),
+            }
         }
         if let Some(body) = self.body.take() {
             OutgoingBody::finish(body, None).map_err(|code| failure(&self.what, &code))?;
