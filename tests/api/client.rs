@@ -1,7 +1,7 @@
 //! The command-line client (`conductor image|provider|account …`) run as a separate
 //! process against a running server, the way a user runs it; and JSON answers.
 
-use crate::harness::{PASSWORD, Server};
+use crate::harness::{PASSWORD, Server, eventually};
 use std::process::{Command, Output};
 
 const TEMPLATE: &str = concat!(
@@ -352,22 +352,19 @@ async fn health_metrics_request_ids_and_json_logs() {
     }
 
     // Every log line is a JSON object, and the tagged request's lines carry its id.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    eventually(std::time::Duration::from_secs(10), async || {
         let text = std::fs::read_to_string(&log).expect("log");
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect();
         if lines.iter().any(|l| l.to_string().contains("trace-me-42")) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("no log line carries the request id:\n{text}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no log line carries the request id:\n{text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 fn uuid_like(id: &str) -> bool {

@@ -63,21 +63,6 @@ fn sha256_of(path: &Path) -> String {
         .collect()
 }
 
-async fn download(server: &Server, ti: &str, to: &Path) {
-    let response = server
-        .request(
-            reqwest::Method::GET,
-            &format!("/api/target_images/{ti}/data"),
-        )
-        .basic_auth("admin", Some(crate::harness::PASSWORD))
-        .send()
-        .await
-        .expect("download");
-    assert_eq!(response.status().as_u16(), 200);
-    let bytes = response.bytes().await.expect("body");
-    std::fs::write(to, &bytes).expect("write download");
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     data: PathBuf,
@@ -150,7 +135,7 @@ async fn every_format_holds_the_same_data_as_its_base_disk() {
         ] {
             let ti = build(&s.server, format, url.as_deref(), "1").await;
             let out = s.import.join(format!("out-{ti}.{format}"));
-            download(&s.server, &ti, &out).await;
+            std::fs::write(&out, s.server.download(&ti).await).expect("write download");
             let out = out.to_str().expect("utf-8");
             if format != "raw" {
                 let (ok, text) = qemu_img(&["check", "-f", format, out]);
@@ -222,7 +207,7 @@ async fn a_qcow2_base_disk_given_by_url_is_read_correctly() {
     assert_eq!(base.attribute("sha256"), Some(sha256_of(&qcow2).as_str()));
     assert_eq!(base.text(), Some(url.as_str()));
     let out = s.import.join("out.raw");
-    download(&s.server, &ti, &out).await;
+    std::fs::write(&out, s.server.download(&ti).await).expect("write download");
     let (ok, text) = qemu_img(&[
         "compare",
         "-f",

@@ -3,10 +3,10 @@
 //! plugin made back through the emulator's own EC2 and EBS APIs.
 
 use crate::disks::scattered_disk;
-use crate::harness::{Reply, Server, TEST_PLUGINS, build_request};
+use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, eventually};
 use crate::jobs::wait_for;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The emulator's URL. Missing means the tests were started without the emulators:
 /// that is a failure, not a reason to skip.
@@ -226,20 +226,6 @@ async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
     (block_size, blocks)
 }
 
-async fn download(server: &Server, ti: &str) -> Vec<u8> {
-    let response = server
-        .request(
-            reqwest::Method::GET,
-            &format!("/api/target_images/{ti}/data"),
-        )
-        .basic_auth("admin", Some(crate::harness::PASSWORD))
-        .send()
-        .await
-        .expect("download");
-    assert_eq!(response.status().as_u16(), 200);
-    response.bytes().await.expect("body").to_vec()
-}
-
 #[tokio::test]
 async fn an_image_pushed_to_ec2_becomes_an_ami_whose_snapshot_holds_its_bytes() {
     let s = setup();
@@ -279,7 +265,7 @@ async fn an_image_pushed_to_ec2_becomes_an_ami_whose_snapshot_holds_its_bytes() 
         ["1"],
         "600 MiB needs a 1 GiB volume: {xml}"
     );
-    let image = download(&s.server, &ti).await;
+    let image = s.server.download(&ti).await;
     assert_eq!(image.len(), 600 << 20);
     let (block_size, blocks) = snapshot_blocks(&snapshot).await;
     assert_eq!(block_size, 512 << 10);
@@ -308,26 +294,22 @@ async fn an_image_pushed_to_ec2_becomes_an_ami_whose_snapshot_holds_its_bytes() 
     // Deleting the provider image removes the AMI and its snapshot from the cloud.
     let deleted = s.server.delete(&format!("/api/provider_images/{pi}")).await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), async || {
         let (_, images) = ec2_call(&[("Action", "DescribeImages"), ("ImageId.1", &ami)]).await;
         let (_, snapshots) =
             ec2_call(&[("Action", "DescribeSnapshots"), ("SnapshotId.1", &snapshot)]).await;
-        let image_gone = texts(&images, "imageId").is_empty();
-        let snapshot_gone = texts(&snapshots, "snapshotId").is_empty();
-        if image_gone && snapshot_gone {
-            assert!(
-                snapshots.contains("InvalidSnapshot.NotFound"),
-                "{snapshots}"
-            );
-            break;
+        if !texts(&images, "imageId").is_empty() || !texts(&snapshots, "snapshotId").is_empty() {
+            return Err(format!(
+                "after the delete, still there: {images} {snapshots}"
+            ));
         }
         assert!(
-            Instant::now() < deadline,
-            "after the delete, still there: {images} {snapshots}"
+            snapshots.contains("InvalidSnapshot.NotFound"),
+            "{snapshots}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -198,6 +198,21 @@ impl Server {
         self.send(request).await
     }
 
+    /// The bytes of a built target image, from `GET /api/target_images/:id/data`.
+    pub async fn download(&self, ti: &str) -> Vec<u8> {
+        let response = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/target_images/{ti}/data"),
+            )
+            .basic_auth("admin", Some(&self.password))
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(response.status().as_u16(), 200);
+        response.bytes().await.expect("body").to_vec()
+    }
+
     /// Polls `GET path` until `<status>` is terminal; returns the last reply.
     pub async fn wait_terminal(&self, path: &str) -> Reply {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -256,4 +271,18 @@ pub fn build_request(targets: &str, template: &str, extra: &str) -> String {
         "<?xml version='1.0' encoding='UTF-8'?><image><targets>{targets}</targets><tdl>{template}</tdl>\
          <environment>default</environment>{extra}</image>"
     )
+}
+
+/// Runs `check` until it answers `Ok`, every 100 ms; after `limit` the test fails with
+/// the last `Err`. For what a server or a cloud does after answering (a delete on the
+/// provider, a log line written).
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -3,11 +3,11 @@
 //! are in CONDUCTOR_TEST_*). What the plugin made is read back through Glance's own API.
 
 use crate::disks::scattered_disk;
-use crate::harness::{PASSWORD, Reply, Server, TEST_PLUGINS, build_request};
+use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, eventually};
 use sha2::{Digest, Sha512};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -228,22 +228,6 @@ async fn push_one(s: &Setup, ti: &str, account: &str, parameters: &str) -> (Stri
     (pi, done)
 }
 
-async fn download(server: &Server, ti: &str, to: &Path) -> Vec<u8> {
-    let response = server
-        .request(
-            reqwest::Method::GET,
-            &format!("/api/target_images/{ti}/data"),
-        )
-        .basic_auth("admin", Some(PASSWORD))
-        .send()
-        .await
-        .expect("download");
-    assert_eq!(response.status().as_u16(), 200);
-    let bytes = response.bytes().await.expect("body").to_vec();
-    std::fs::write(to, &bytes).expect("write");
-    bytes
-}
-
 fn virtual_size(path: &Path) -> u64 {
     let out = Command::new("qemu-img")
         .args(["info", "--output=json"])
@@ -266,7 +250,8 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
 
     // Glance holds it, active, with our bytes: the same SHA-512 and virtual size.
     let ours = s.work.join("ours.qcow2");
-    let bytes = download(&s.server, &ti, &ours).await;
+    let bytes = s.server.download(&ti).await;
+    std::fs::write(&ours, &bytes).expect("write");
     let record: serde_json::Value = serde_json::from_slice(
         &s.cloud
             .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
@@ -314,8 +299,7 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
     // Deleting the provider image deletes it in Glance.
     let deleted = s.server.delete(&format!("/api/provider_images/{pi}")).await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(Duration::from_secs(60), async || {
         let status = s
             .cloud
             .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
@@ -323,14 +307,12 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
             .status()
             .as_u16();
         if status == 404 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("Glance still has {id} ({status})"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "Glance still has {id} ({status})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The plugin template (examples/provider-template), built by the build like every test
 //! plugin: it loads, and a build, push, import and delete go through it.
 
-use crate::harness::{Server, TEST_PLUGINS, build_request, template};
+use crate::harness::{Server, TEST_PLUGINS, build_request, eventually, template};
 
 #[tokio::test]
 async fn the_plugin_template_loads_builds_pushes_and_deletes() {
@@ -86,21 +86,16 @@ async fn the_plugin_template_loads_builds_pushes_and_deletes() {
          <environment>default</environment>\
          <image_descriptor>&lt;image&gt;&lt;name&gt;again&lt;/name&gt;&lt;/image&gt;</image_descriptor></image>"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    eventually(std::time::Duration::from_secs(30), async || {
         let found = server.post("/api/images", &import).await;
         if found.status == 404 {
-            break;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still importable after the delete: {}",
-            found.body
-        );
         // An import that succeeded made a record; remove it before looking again.
         for image in found.ids("image") {
             server.delete(&format!("/api/images/{image}")).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        Err(format!("still importable after the delete: {}", found.body))
+    })
+    .await;
 }
