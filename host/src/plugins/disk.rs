@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Reads are capped so a plugin cannot make the host allocate without bound in one call.
 pub const MAX_READ: u32 = 16 << 20;
@@ -24,7 +24,16 @@ pub struct DiskWriter {
     /// Set once a write or resize was refused for the limit, so that a build that then
     /// fails can say the limit was the cause.
     refused: AtomicBool,
+    /// Bytes written since writeback of this image was last started (see `written`).
+    unstarted: AtomicU64,
 }
+
+/// How much an image may hold in dirty pages before the writer asks the kernel to start
+/// writing them out. Without it nothing reaches the disk until the build's closing
+/// fsync (the kernel's own threshold is a tenth of memory), so the build pays for
+/// producing the image and then, in full, for storing it; started early, the disk writes
+/// while the plugin produces, and the fsync finds little left to do.
+const WRITEBACK_EVERY: u64 = 16 << 20;
 
 impl DiskReader {
     pub fn open(path: &Path) -> io::Result<DiskReader> {
@@ -196,7 +205,25 @@ impl DiskWriter {
             file,
             limit,
             refused: AtomicBool::new(false),
+            unstarted: AtomicU64::new(0),
         })
+    }
+
+    /// Counts `length` bytes just written and, every `WRITEBACK_EVERY`, starts writeback
+    /// of the whole file. SYNC_FILE_RANGE_WRITE only queues the dirty pages not already
+    /// on their way and does not wait for them; it makes no promise of durability, which
+    /// `sync` still gives.
+    fn written(&self, length: u64) {
+        use std::os::fd::AsRawFd;
+        let before = self.unstarted.fetch_add(length, Ordering::Relaxed);
+        if before + length < WRITEBACK_EVERY {
+            return;
+        }
+        self.unstarted.store(0, Ordering::Relaxed);
+        // SAFETY: the descriptor is this writer's open file; offset 0 and length 0 name
+        // the whole file. A failure is harmless (the fsync writes everything anyway), so
+        // the result is not checked.
+        unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -204,7 +231,9 @@ impl DiskWriter {
         if end > self.limit {
             return Err(self.refuse(format!("a write ending at byte {end}")));
         }
-        self.file.write_all_at(data, offset)
+        self.file.write_all_at(data, offset)?;
+        self.written(data.len() as u64);
+        Ok(())
     }
 
     /// Copies `length` bytes at `offset` of `source` to `at` of this image in the kernel
@@ -258,12 +287,14 @@ impl DiskWriter {
             {
                 // Not supported between these files (or the source ended early): copy
                 // the rest through a buffer.
+                self.written(length - left);
                 return self.copy_through_buffer(source, from as u64, left, to as u64);
             }
             if error.kind() != io::ErrorKind::Interrupted {
                 return Err(error);
             }
         }
+        self.written(length);
         Ok(())
     }
 
@@ -279,6 +310,7 @@ impl DiskWriter {
             let n = left.min(buffer.len() as u64) as usize;
             source.file.read_exact_at(&mut buffer[..n], offset)?;
             self.file.write_all_at(&buffer[..n], at)?;
+            self.written(n as u64);
             offset += n as u64;
             at += n as u64;
             left -= n as u64;
