@@ -101,6 +101,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         jobs: jobs.clone(),
         external_url: config.external_url.clone(),
         import_dir: config.import_dir.clone(),
+        rendered: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

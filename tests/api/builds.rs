@@ -360,6 +360,12 @@ async fn deleting_a_build_or_target_image_keeps_what_is_above_it() {
         [tis[1].clone()]
     );
 
+    // Shown twice before the delete (the second answer comes from what the server
+    // kept) and once after it: the delete is a write, so that answer is rendered anew.
+    for _ in 0..2 {
+        let before = server.get(&format!("/api/images/{image}")).await;
+        assert_eq!(before.ids("build"), [build.clone()]);
+    }
     let deleted = server
         .delete(&format!("/api/images/{image}/builds/{build}.xml"))
         .await;

@@ -12,6 +12,7 @@ mod images;
 pub mod json;
 mod provider_images;
 mod providers;
+pub mod rendered;
 mod target_images;
 mod users;
 pub mod xml;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub external_url: Option<String>,
     /// Where `file://` base images may be read from.
     pub import_dir: Option<std::path::PathBuf>,
+    /// Documents answered from memory until the store's next write.
+    pub rendered: rendered::Rendered,
 }
 
 pub type Shared = Arc<AppState>;
@@ -141,8 +144,8 @@ fn xml_headers() -> [(header::HeaderName, HeaderValue); 1] {
 }
 
 /// A 200 response with an XML body.
-pub fn xml_ok(body: String) -> Response {
-    (StatusCode::OK, xml_headers(), body).into_response()
+pub fn xml_ok(body: impl Into<Body>) -> Response {
+    (StatusCode::OK, xml_headers(), body.into()).into_response()
 }
 
 /// Runs a store call on the blocking pool.
@@ -424,7 +427,7 @@ async fn request_id(request: Request, next: Next) -> Response {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        .unwrap_or_else(new_request_id);
     let method = request.method().clone();
     let counted = request.uri().path().starts_with("/api")
         || request.uri().path().starts_with(CONDUCTOR_PREFIX);
@@ -452,6 +455,19 @@ async fn request_id(request: Request, next: Next) -> Response {
         );
     }
     response
+}
+
+/// A UUIDv7 (time-ordered, so ids sort with the log) whose random part comes from the
+/// thread's generator: `Uuid::now_v7` asks the kernel for randomness on every call, a
+/// system call per request for an id that needs no secrecy.
+fn new_request_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// Refuses a body whose declared length is over [`MAX_BODY`] before reading it, in the
@@ -586,19 +602,22 @@ async fn as_json(response: Response) -> Response {
 /// Every `/api` request needs valid Basic credentials: 401 with an empty body otherwise.
 /// The challenge header is a deliberate addition that helps generic HTTP clients.
 async fn authenticate(State(state): State<Shared>, mut request: Request, next: Next) -> Response {
+    // A header verified a moment ago is answered from memory; only a new one pays for
+    // argon2, on the blocking pool. No header at all is refused here.
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
-    // A header verified a moment ago is answered from memory; only a new one pays for
-    // argon2, on the blocking pool.
-    if let Some(user) = header.as_deref().and_then(|h| state.auth.remembered(h)) {
-        request.extensions_mut().insert(CurrentUser(user));
-        return next.run(request).await;
-    }
-    let auth = state.auth.clone();
-    let outcome = tokio::task::spawn_blocking(move || auth.authenticate(header.as_deref())).await;
+        .and_then(|h| h.to_str().ok());
+    let outcome = match header {
+        None => Ok(Err(AuthError::Missing)),
+        Some(header) => match state.auth.remembered(header) {
+            Some(user) => Ok(Ok(user)),
+            None => {
+                let (auth, header) = (state.auth.clone(), header.to_owned());
+                tokio::task::spawn_blocking(move || auth.authenticate(Some(&header))).await
+            }
+        },
+    };
     match outcome {
         Ok(Ok(user)) => {
             request.extensions_mut().insert(CurrentUser(user));
@@ -620,7 +639,7 @@ async fn authenticate(State(state): State<Shared>, mut request: Request, next: N
 
 /// The authenticated user of a request.
 #[derive(Debug, Clone)]
-pub struct CurrentUser(pub User);
+pub struct CurrentUser(pub Arc<User>);
 
 impl CurrentUser {
     /// Whether a record in this environment exists for the user (a missing record's

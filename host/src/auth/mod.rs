@@ -64,7 +64,8 @@ pub fn parse_basic(header: &str) -> Option<(String, String)> {
 pub struct Authenticator {
     store: Arc<Store>,
     hasher: RandomState,
-    verified: Mutex<HashMap<u64, (User, Instant)>>,
+    /// Shared with the requests they prove: a request takes a reference, not a copy.
+    verified: Mutex<HashMap<u64, (Arc<User>, Instant)>>,
 }
 
 impl Authenticator {
@@ -78,7 +79,7 @@ impl Authenticator {
 
     /// The user a recently verified header proves, without hashing: cheap enough to
     /// call on the async runtime.
-    pub fn remembered(&self, header: &str) -> Option<User> {
+    pub fn remembered(&self, header: &str) -> Option<Arc<User>> {
         let key = self.hasher.hash_one(header);
         match self.cache().get(&key) {
             Some((user, at)) if at.elapsed() < CACHE_FOR => Some(user.clone()),
@@ -87,7 +88,7 @@ impl Authenticator {
     }
 
     /// The user an `Authorization` header proves, or why it proves nobody.
-    pub fn authenticate(&self, header: Option<&str>) -> Result<User, AuthError> {
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Arc<User>, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let key = self.hasher.hash_one(header);
         if let Some(user) = self.remembered(header) {
@@ -98,6 +99,7 @@ impl Authenticator {
         if user.disabled || !verify_password(&user.password_hash, &password) {
             return Err(AuthError::Invalid);
         }
+        let user = Arc::new(user);
         let mut cache = self.cache();
         if cache.len() >= CACHE_MAX {
             cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
@@ -115,7 +117,7 @@ impl Authenticator {
         self.cache().clear();
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (User, Instant)>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Arc<User>, Instant)>> {
         self.verified
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

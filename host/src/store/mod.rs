@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Borrow;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tables::*;
 
 /// The layout this build of the server reads and writes.
@@ -138,6 +139,8 @@ pub struct Store {
     db: Database,
     /// Seals account credentials: they are stored only encrypted (AES-256-GCM).
     cipher: Aes256Gcm,
+    /// Counts committed writes (see [`Store::generation`]).
+    generation: AtomicU64,
 }
 
 /// An account as stored: like [`Account`], with the credentials sealed.
@@ -193,7 +196,23 @@ impl Store {
         Ok(Store {
             db,
             cipher: Aes256Gcm::new(key.into()),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// Commits a write and counts it. Every write of this store goes through here.
+    fn commit(&self, txn: WriteTransaction) -> Result<()> {
+        txn.commit()?;
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// A number that changes whenever a write has been committed since it was read. What
+    /// was read from the store after reading the generation `g` is still current while the
+    /// generation is `g`: answers rendered from it can be kept and reused until then,
+    /// without a transaction (and without leaving the async runtime).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn next_id(txn: &WriteTransaction, table: &str) -> Result<u64> {
@@ -296,14 +315,14 @@ impl Store {
             description: description.into(),
         };
         put(&mut txn.open_table(ENVIRONMENTS)?, env.id, &env)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(env)
     }
 
     pub fn put_environment(&self, env: &Environment) -> Result<()> {
         let txn = self.db.begin_write()?;
         put(&mut txn.open_table(ENVIRONMENTS)?, env.id, env)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -330,7 +349,7 @@ impl Store {
                 }
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(true)
     }
 
@@ -376,7 +395,7 @@ impl Store {
     pub fn put_user(&self, user: &User) -> Result<()> {
         let txn = self.db.begin_write()?;
         put(&mut txn.open_table(USERS)?, user.name.as_str(), user)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -395,14 +414,14 @@ impl Store {
         let txn = self.db.begin_write()?;
         provider.id = Self::next_id(&txn, "providers")?;
         put(&mut txn.open_table(PROVIDERS)?, provider.id, &provider)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(provider)
     }
 
     pub fn put_provider(&self, provider: &Provider) -> Result<()> {
         let txn = self.db.begin_write()?;
         put(&mut txn.open_table(PROVIDERS)?, provider.id, provider)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -431,21 +450,21 @@ impl Store {
                 state.remove((id, key.as_str()))?;
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
     pub fn put_account(&self, account: &Account) -> Result<()> {
         let txn = self.db.begin_write()?;
         self.put_account_in(&mut txn.open_table(ACCOUNTS)?, account)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
     pub fn delete_account(&self, id: u64) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(ACCOUNTS)?.remove(id)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -463,7 +482,7 @@ impl Store {
             uri: uri.to_owned(),
         };
         put(&mut txn.open_table(HOOKS)?, hook.id, &hook)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(hook)
     }
 
@@ -471,7 +490,7 @@ impl Store {
     pub fn delete_hook(&self, id: u64) -> Result<bool> {
         let txn = self.db.begin_write()?;
         let existed = txn.open_table(HOOKS)?.remove(id)?.is_some();
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(existed)
     }
 
@@ -507,14 +526,14 @@ impl Store {
             }
             table.insert((provider, key), value)?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(true)
     }
 
     pub fn plugin_state_delete(&self, provider: u64, key: &str) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(PLUGIN_STATE)?.remove((provider, key))?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -560,7 +579,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         account.id = Self::next_id(&txn, "accounts")?;
         self.put_account_in(&mut txn.open_table(ACCOUNTS)?, &account)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(account)
     }
 
@@ -610,22 +629,27 @@ impl Store {
         };
         let builds_table = txn.open_table(BUILDS)?;
         let index = txn.open_table(BUILDS_BY_IMAGE)?;
-        let mut by_image: std::collections::HashMap<u128, Vec<Build>> =
-            std::collections::HashMap::new();
-        for entry in index.iter()? {
-            let (key, _) = entry?;
-            let (image, build) = key.value();
-            if let Some(b) = get::<u128, Build>(&builds_table, "builds", build)? {
-                by_image.entry(image).or_default().push(b);
+        // Both sequences are in image-id order (the images table and the environment
+        // index are keyed by it, the build index by (image, build)), so one pass over the
+        // index pairs them, without a map of 10,000 entries.
+        let mut keys = index.iter()?;
+        let mut next = keys.next().transpose()?.map(|(key, _)| key.value());
+        let mut out = Vec::with_capacity(images.len());
+        for image in images {
+            let id = image.id.as_u128();
+            let mut builds = Vec::new();
+            while let Some((owner, build)) = next {
+                if owner > id {
+                    break;
+                }
+                if owner == id {
+                    builds.extend(get::<u128, Build>(&builds_table, "builds", build)?);
+                }
+                next = keys.next().transpose()?.map(|(key, _)| key.value());
             }
+            out.push((image, builds));
         }
-        Ok(images
-            .into_iter()
-            .map(|image| {
-                let builds = by_image.remove(&image.id.as_u128()).unwrap_or_default();
-                (image, builds)
-            })
-            .collect())
+        Ok(out)
     }
 
     pub fn build(&self, id: Id) -> Result<Option<Build>> {
@@ -715,7 +739,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         Self::create_build_in(&txn, new_image, build, target_images)?;
         Self::put_jobs(&txn, jobs)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -747,7 +771,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         Self::create_push_in(&txn, provider_images)?;
         Self::put_jobs(&txn, jobs)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -773,7 +797,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         Self::create_build_in(&txn, Some(image), build, std::slice::from_ref(target_image))?;
         Self::create_push_in(&txn, std::slice::from_ref(provider_image))?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -805,7 +829,7 @@ impl Store {
                 None => None,
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(updated)
     }
 
@@ -828,7 +852,7 @@ impl Store {
                 None => None,
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(updated)
     }
 
@@ -842,14 +866,14 @@ impl Store {
     pub fn put_job(&self, job: &Job) -> Result<()> {
         let txn = self.db.begin_write()?;
         put(&mut txn.open_table(JOBS)?, job.id.as_u128(), job)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
     pub fn remove_job(&self, id: Id) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(JOBS)?.remove(id.as_u128())?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -869,7 +893,7 @@ impl Store {
         txn.open_table(IMAGES)?.remove(id.as_u128())?;
         txn.open_table(IMAGES_BY_ENVIRONMENT)?
             .remove((image.environment_id, id.as_u128()))?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(Some(removed))
     }
 
@@ -882,7 +906,7 @@ impl Store {
             return Ok(None);
         }
         Self::delete_build_in(&txn, id.as_u128(), &mut removed)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(Some(removed))
     }
 
@@ -895,7 +919,7 @@ impl Store {
             return Ok(None);
         }
         Self::delete_target_image_in(&txn, id.as_u128(), &mut removed)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(Some(removed))
     }
 
@@ -911,7 +935,7 @@ impl Store {
             return Ok(None);
         }
         Self::delete_provider_image_in(&txn, id.as_u128(), &mut removed)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(Some(removed))
     }
 
