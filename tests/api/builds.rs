@@ -364,7 +364,7 @@ async fn deleting_a_build_or_target_image_keeps_what_is_above_it() {
     // kept) and once after it: the delete is a write, so that answer is rendered anew.
     for _ in 0..2 {
         let before = server.get(&format!("/api/images/{image}")).await;
-        assert_eq!(before.ids("build"), [build.clone()]);
+        assert_eq!(before.ids("build"), std::slice::from_ref(&build));
     }
     let deleted = server
         .delete(&format!("/api/images/{image}/builds/{build}.xml"))
