@@ -152,6 +152,29 @@ async fn a_panic_fails_only_its_own_build() {
 }
 
 #[tokio::test]
+async fn a_call_finds_nothing_an_earlier_call_left_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path(), LIMITS);
+    // One call fills a MiB of its memory with a marker byte; the calls after it, given
+    // the memory slot it left (the pool hands a plugin back its last slot), must find
+    // every page of it zeroed. Run in turn, so that the slot is free for the next.
+    let remembered = watch(
+        &server,
+        &build(&server, "hostile", &[("mode", "remember")]).await,
+    )
+    .await;
+    assert_eq!(remembered.text("status"), "COMPLETE", "{}", remembered.body);
+    for _ in 0..3 {
+        let snooped = watch(
+            &server,
+            &build(&server, "hostile", &[("mode", "snoop")]).await,
+        )
+        .await;
+        assert_eq!(snooped.text("status"), "COMPLETE", "{}", snooped.body);
+    }
+}
+
+#[tokio::test]
 async fn a_plugin_out_of_fuel_is_stopped() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A budget a loop spends in a fraction of a second, and a deadline it never meets.

@@ -10,6 +10,9 @@
 //! - `huge-write`: writes on past the end of the disk until the host refuses, then gives
 //!   up with the host's error (build only: a push has nothing to write to);
 //! - `sleep`: sleeps for an hour in one host call;
+//! - `remember`: fills a MiB of its memory with a byte no other call writes (and checks
+//!   it can find those pages), then behaves; `snoop`: fails if any page of its memory
+//!   already holds only that byte, which only a previous call could have left;
 //! - no `mode`: behaves, building a raw copy of the base disk like `testbed`.
 
 wit_bindgen::generate!({
@@ -36,6 +39,35 @@ fn param<'a>(parameters: &'a [(String, String)], name: &str) -> Option<&'a str> 
         .iter()
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.as_str())
+}
+
+/// The byte `remember` fills pages with: no page of a fresh instance holds only it.
+const REMEMBERED: u8 = 0xc3;
+
+/// The end of this instance's linear memory.
+#[cfg(target_arch = "wasm32")]
+fn memory_end() -> usize {
+    core::arch::wasm32::memory_size(0) * 65536
+}
+
+/// Checked by clippy for the host too, where there is no linear memory to scan.
+#[cfg(not(target_arch = "wasm32"))]
+fn memory_end() -> usize {
+    0
+}
+
+/// How many 4 KiB pages of this instance's linear memory hold only `byte`.
+fn pages_holding_only(byte: u8) -> usize {
+    let end = memory_end();
+    // Page 0 is skipped: address 0 is never read through a pointer.
+    (1..end / 4096)
+        .filter(|page| {
+            let start = (page * 4096) as *const u8;
+            // SAFETY: every address below memory_size × 64 KiB is inside this instance's
+            // linear memory; reads are volatile so the scan is not reasoned away.
+            (0..4096).all(|i| unsafe { core::ptr::read_volatile(start.add(i)) } == byte)
+        })
+        .count()
 }
 
 /// Misbehaves as `mode` says. Returns only for the modes that end by themselves (the
@@ -93,8 +125,26 @@ fn misbehave(mode: Option<&str>, output: Option<(&DiskWriter, u64)>) -> Result<(
             std::thread::sleep(std::time::Duration::from_secs(3600));
             Ok(())
         }
+        Some("remember") => {
+            let kept = vec![REMEMBERED; 1 << 20];
+            std::hint::black_box(&kept);
+            let found = pages_holding_only(REMEMBERED);
+            if found < 255 {
+                return Err(Error::Failed(format!(
+                    "mode=remember wrote 256 pages but the scan found {found}"
+                )));
+            }
+            host::log(Level::Info, &format!("remembered {found} pages"));
+            Ok(())
+        }
+        Some("snoop") => match pages_holding_only(REMEMBERED) {
+            0 => Ok(()),
+            found => Err(Error::Failed(format!(
+                "found {found} pages an earlier call left in this instance's memory"
+            ))),
+        },
         Some(other) => Err(Error::InvalidInput(format!(
-            "unknown mode {other:?}: loop, memory, panic, progress-flood, log-flood, huge-write or sleep"
+            "unknown mode {other:?}: loop, memory, panic, progress-flood, log-flood, huge-write, sleep, remember or snoop"
         ))),
     }
 }
