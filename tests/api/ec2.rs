@@ -223,6 +223,9 @@ async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
             break;
         }
     }
+    // EBS lists blocks by index; moto lists them in the order they arrived, which with
+    // several uploads in flight on a busy machine is not always the same.
+    blocks.sort_by_key(|(index, _)| *index);
     (block_size, blocks)
 }
 
