@@ -5,6 +5,7 @@
 use crate::disks::scattered_disk;
 use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, eventually};
 use crate::jobs::wait_for;
+use crate::providers::import_body;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -385,6 +386,84 @@ async fn a_push_to_an_endpoint_that_does_not_answer_is_retried_then_fails() {
         "{}",
         done.body
     );
+}
+
+#[tokio::test]
+async fn an_import_finds_an_ami_or_says_why_it_could_not() {
+    let s = setup();
+    let (provider_id, account) = ready_account(&s.server, "ec2-import").await;
+    let import = async |identifier: &str| {
+        s.server
+            .post("/api/images", &import_body(&account, identifier, "default"))
+            .await
+    };
+    // An AMI registered on the emulator directly is imported.
+    let (status, xml) = ec2_call(&[
+        ("Action", "RegisterImage"),
+        ("Name", "registered-elsewhere"),
+        ("RootDeviceName", "/dev/xvda"),
+        ("Architecture", "x86_64"),
+    ])
+    .await;
+    assert_eq!(status, 200, "{xml}");
+    let ami = texts(&xml, "imageId").remove(0);
+    let imported = import(&ami).await;
+    assert_eq!(imported.status, 200, "{}", imported.body);
+    let pi = imported.ids("provider_image")[0].clone();
+    let shown = s.server.get(&format!("/api/provider_images/{pi}")).await;
+    assert_eq!(shown.text("target_identifier"), ami, "{}", shown.body);
+
+    let missing = import("ami-00000000deadbeef").await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert_eq!(missing.text("code"), "ImageNotFound");
+    assert_eq!(
+        missing.text("message"),
+        "Could not find Image ami-00000000deadbeef on Provider"
+    );
+
+    let move_to = async |endpoint: String| {
+        let moved = s
+            .server
+            .put(
+                &format!("/api/providers/{provider_id}"),
+                &format!("<provider><settings><setting name='endpoint'>{endpoint}</setting></settings></provider>"),
+            )
+            .await;
+        assert_eq!(moved.status, 200, "{}", moved.body);
+    };
+    // The signature-checking emulator knows nothing of this account's key.
+    move_to(
+        std::env::var("CONDUCTOR_TEST_MOTO_AUTH").expect("CONDUCTOR_TEST_MOTO_AUTH (tests/run.sh)"),
+    )
+    .await;
+    let refused = import(&ami).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.text("code"), "ParameterDataIncorrect");
+    assert!(
+        refused.text("message").starts_with(&format!(
+            "Provider Account {account}: the provider refused its credentials: "
+        )),
+        "{}",
+        refused.body
+    );
+
+    // A provider nobody answers for: still Conductor's 404, with the reason.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let closed = format!("http://{}", silent.local_addr().expect("address"));
+    drop(silent);
+    move_to(closed).await;
+    let unreachable = import(&ami).await;
+    assert_eq!(unreachable.status, 404, "{}", unreachable.body);
+    assert!(
+        unreachable.text("message").starts_with(&format!(
+            "Could not find Image {ami} on Provider: the lookup failed: "
+        )) && unreachable.text("message").contains("connection refused"),
+        "{}",
+        unreachable.body
+    );
+    // Nothing was recorded by the failed imports.
+    let images = s.server.get("/api/images").await;
+    assert_eq!(images.ids("image").len(), 1, "{}", images.body);
 }
 
 #[tokio::test]

@@ -434,7 +434,7 @@ async fn pushed(server: &Server) -> (String, String, String) {
     (ti, pi, done.text("target_identifier"))
 }
 
-fn import_body(account: &str, identifier: &str, env: &str) -> String {
+pub(crate) fn import_body(account: &str, identifier: &str, env: &str) -> String {
     format!(
         "<?xml version='1.0' encoding='UTF-8'?><image><target_identifier>{identifier}</target_identifier>\
          <image_descriptor>&lt;image&gt;&lt;name&gt;imported&lt;/name&gt;&lt;/image&gt;</image_descriptor>\

@@ -8,6 +8,7 @@ use crate::model::{
     self, Action, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind,
     Progress, TargetImage, split_list,
 };
+use crate::plugins::PluginError;
 use crate::store::Removed;
 use axum::Extension;
 use axum::body::Bytes;
@@ -185,6 +186,35 @@ pub async fn show_in_environment(
     headers: HeaderMap,
 ) -> ApiResult {
     render_one(&state, &headers, &user, id, Some(env)).await
+}
+
+/// The answer to an import whose lookup failed. An image the provider does not have is
+/// Conductor's 404 `ImageNotFound`, word for word. Credentials the provider refused and
+/// an identifier the plugin calls malformed are the request's fault: 400, with the
+/// reason. Anything else (the provider unreachable, the plugin failing) stays the 404
+/// Conductor answered for a connection error, its clients print 4xx messages and not
+/// 5xx ones, but the message says what happened instead of claiming the image is not
+/// there.
+fn lookup_failed(identifier: &str, account: &str, error: PluginError) -> ApiError {
+    tracing::info!(%identifier, "import lookup failed: {error}");
+    match error {
+        PluginError::NotFound(_) => ApiError::not_found(
+            "ImageNotFound",
+            format!("Could not find Image {identifier} on Provider"),
+        ),
+        PluginError::BadCredentials(reason) => ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Provider Account {account}: the provider refused its credentials: {reason}"),
+        ),
+        PluginError::InvalidInput(reason) => ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Image {identifier} cannot be looked up on this Provider: {reason}"),
+        ),
+        other => ApiError::not_found(
+            "ImageNotFound",
+            format!("Could not find Image {identifier} on Provider: the lookup failed: {other}"),
+        ),
+    }
 }
 
 /// How long a delete reply waits for the provider-side deletes before it answers; what
@@ -537,13 +567,7 @@ async fn import(
             .await
             .map_err(ApiError::internal)?
     };
-    let details = found.map_err(|e| {
-        tracing::info!(%identifier, "import lookup failed: {e}");
-        ApiError::not_found(
-            "ImageNotFound",
-            format!("Could not find Image {identifier} on Provider"),
-        )
-    })?;
+    let details = found.map_err(|e| lookup_failed(&identifier, &label, e))?;
 
     let complete = || Progress {
         status: crate::model::Status::Complete,
