@@ -118,12 +118,34 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("conductor listening on {scheme}://{address}");
     tracing::info!(%address, scheme, "serving the API");
+    // At SIGTERM or Ctrl-C the server stops accepting connections; requests in flight
+    // (a download, a delete waiting on its provider) get up to DRAIN to finish.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("stopping: no new connections; open ones may finish their requests");
+        let _ = stop.send(true);
+    });
+    let drained_or_late = async {
+        stopped(stopping.clone()).await;
+        tokio::time::sleep(DRAIN).await;
+        tracing::warn!("connections still open {DRAIN:?} after the stop signal; closing them");
+    };
     match tls {
-        Some(acceptor) => serve_tls(listener, api::router(state), acceptor).await,
+        Some(acceptor) => {
+            tokio::select! {
+                () = serve_tls(listener, api::router(state), acceptor, stopped(stopping.clone())) => {}
+                () = drained_or_late => {}
+            }
+        }
         None => {
-            axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(shutdown_signal())
-                .await?
+            let serve = axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(stopped(stopping.clone()))
+                .into_future();
+            tokio::select! {
+                served = serve => served?,
+                () = drained_or_late => {}
+            }
         }
     }
     // Running plugin calls are interrupted; their jobs stay stored and resume at the
@@ -191,22 +213,33 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves the API over TLS until the shutdown signal: a handshake, then HTTP/1.1, for
-/// each connection. A client that fails the handshake (or stalls in it) only loses its
-/// own connection.
+/// How long requests in flight at a stop signal get to finish.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Resolves once the stop signal has come.
+async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// Serves the API over TLS until `stop`: a handshake, then HTTP/1.1, for each connection.
+/// A client that fails the handshake (or stalls in it) only loses its own connection.
+/// After `stop`, no connection is accepted and the open ones are asked to close once
+/// their request is answered; this returns when all have.
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     acceptor: tokio_rustls::TlsAcceptor,
+    stop: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    let open = GracefulShutdown::new();
+    tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -217,6 +250,8 @@ async fn serve_tls(
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
+        // Taken before the handshake, so that a stop waits for it too (10 s at most).
+        let watcher = open.watcher();
         tokio::spawn(async move {
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
@@ -231,14 +266,15 @@ async fn serve_tls(
                     return;
                 }
             };
-            if let Err(e) = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let builder = Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
     }
+    drop(listener);
+    open.shutdown().await;
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,116 @@
-//! How the server is run: TLS, and settings from a config file under flags and
-//! environment variables.
+//! How the server is run: TLS, settings from a config file under flags and environment
+//! variables, and a stop that lets requests in flight finish.
 
-use crate::harness::{PASSWORD, Server};
+use crate::harness::{PASSWORD, Server, build_request, template};
+use std::time::Duration;
+
+/// Builds a 64 MiB image, starts downloading it, sends SIGTERM after the first chunk and
+/// reads on: the whole image arrives, no new connection is taken, and the server exits.
+async fn a_download_outlives_the_stop_signal(tls: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("a certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let tls_args = [
+        "--tls-cert",
+        cert.to_str().expect("utf-8"),
+        "--tls-key",
+        key.to_str().expect("utf-8"),
+    ];
+    let mut server = Server::start_with(
+        &dir.path().join("data"),
+        if tls { &tls_args[..] } else { &[] },
+    );
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
+        )
+        .build()
+        .expect("client");
+    let built = client
+        .post(format!("{}/api/images", server.url))
+        .basic_auth("admin", Some(PASSWORD))
+        .body(build_request("mock", &template("draining"), ""))
+        .send()
+        .await
+        .expect("build")
+        .text()
+        .await
+        .expect("body");
+    let ti = built
+        .split("<target_image href=")
+        .nth(1)
+        .and_then(|rest| rest.split("id=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .expect("a target image id")
+        .to_owned();
+    crate::harness::eventually(Duration::from_secs(60), async || {
+        let shown = client
+            .get(format!("{}/api/target_images/{ti}", server.url))
+            .basic_auth("admin", Some(PASSWORD))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        if shown.contains("<status>COMPLETE</status>") {
+            Ok(())
+        } else {
+            Err(format!("the build did not complete: {shown}"))
+        }
+    })
+    .await;
+
+    let mut download = client
+        .get(format!("{}/api/target_images/{ti}/data", server.url))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(download.status().as_u16(), 200);
+    let mut received = download
+        .chunk()
+        .await
+        .expect("a first chunk")
+        .map_or(0, |c| c.len());
+    server.signal_stop();
+    // The server acts on the signal while its answer waits on the socket buffers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
+        )
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .get(format!("{}/api", server.url))
+        .basic_auth("admin", Some(PASSWORD))
+        .send()
+        .await;
+    assert!(
+        late.is_err(),
+        "a new connection was served after the stop signal"
+    );
+    while let Some(chunk) = download.chunk().await.expect("the rest of the image") {
+        received += chunk.len();
+    }
+    assert_eq!(received, 64 << 20, "the download was cut short");
+    let exited = server.wait_exit(Duration::from_secs(40));
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+}
+
+#[tokio::test]
+async fn a_download_in_flight_finishes_after_a_stop_signal() {
+    a_download_outlives_the_stop_signal(false).await;
+}
+
+#[tokio::test]
+async fn a_download_in_flight_finishes_after_a_stop_signal_over_tls() {
+    a_download_outlives_the_stop_signal(true).await;
+}
 
 #[tokio::test]
 async fn with_a_certificate_the_api_is_served_over_tls_only() {
