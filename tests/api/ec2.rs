@@ -102,6 +102,25 @@ async fn provider(server: &Server, name: &str, endpoint: &str) -> String {
     reply.ids("provider")[0].clone()
 }
 
+/// Points the provider at another endpoint.
+async fn move_endpoint(server: &Server, provider: &str, endpoint: &str) {
+    let moved = server
+        .put(
+            &format!("/api/providers/{provider}"),
+            &format!("<provider><settings><setting name='endpoint'>{endpoint}</setting></settings></provider>"),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+}
+
+/// An endpoint nobody listens on: a port the system handed out and that is closed again.
+fn closed_endpoint() -> String {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("address"));
+    drop(silent);
+    endpoint
+}
+
 /// Asks for an account with these keys on the provider.
 async fn add_account(server: &Server, provider: &str, label: &str, secret: &str) -> Reply {
     server
@@ -357,17 +376,7 @@ async fn a_push_to_an_endpoint_that_does_not_answer_is_retried_then_fails() {
     scattered_disk(&base, 600 << 20);
     let ti = build(&s.server, &base, "600MiB").await;
     // The endpoint moves to a port nobody listens on.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let closed = format!("http://{}", silent.local_addr().expect("address"));
-    drop(silent);
-    let moved = s
-        .server
-        .put(
-            &format!("/api/providers/{provider_id}"),
-            &format!("<provider><settings><setting name='endpoint'>{closed}</setting></settings></provider>"),
-        )
-        .await;
-    assert_eq!(moved.status, 200, "{}", moved.body);
+    move_endpoint(&s.server, &provider_id, &closed_endpoint()).await;
     let pi = push(&s.server, &ti, &account).await;
     let path = format!("/api/provider_images/{pi}");
     let retrying = wait_for(&s.server, &path, "retried", |r| {
@@ -421,21 +430,10 @@ async fn an_import_finds_an_ami_or_says_why_it_could_not() {
         "Could not find Image ami-00000000deadbeef on Provider"
     );
 
-    let move_to = async |endpoint: String| {
-        let moved = s
-            .server
-            .put(
-                &format!("/api/providers/{provider_id}"),
-                &format!("<provider><settings><setting name='endpoint'>{endpoint}</setting></settings></provider>"),
-            )
-            .await;
-        assert_eq!(moved.status, 200, "{}", moved.body);
-    };
     // The signature-checking emulator knows nothing of this account's key.
-    move_to(
-        std::env::var("CONDUCTOR_TEST_MOTO_AUTH").expect("CONDUCTOR_TEST_MOTO_AUTH (tests/run.sh)"),
-    )
-    .await;
+    let checking =
+        std::env::var("CONDUCTOR_TEST_MOTO_AUTH").expect("CONDUCTOR_TEST_MOTO_AUTH (tests/run.sh)");
+    move_endpoint(&s.server, &provider_id, &checking).await;
     let refused = import(&ami).await;
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert_eq!(refused.text("code"), "ParameterDataIncorrect");
@@ -448,10 +446,7 @@ async fn an_import_finds_an_ami_or_says_why_it_could_not() {
     );
 
     // A provider nobody answers for: still Conductor's 404, with the reason.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let closed = format!("http://{}", silent.local_addr().expect("address"));
-    drop(silent);
-    move_to(closed).await;
+    move_endpoint(&s.server, &provider_id, &closed_endpoint()).await;
     let unreachable = import(&ami).await;
     assert_eq!(unreachable.status, 404, "{}", unreachable.body);
     assert!(

@@ -4,31 +4,55 @@
 use crate::harness::{PASSWORD, Server, build_request, template};
 use std::time::Duration;
 
+/// A self-signed certificate for 127.0.0.1, written where `--tls-cert` and `--tls-key`
+/// can read it.
+struct Certificate {
+    pem: String,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl Certificate {
+    fn new(dir: &std::path::Path) -> Certificate {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("a self-signed certificate");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write cert");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+        Certificate {
+            pem: made.cert.pem(),
+            cert,
+            key,
+        }
+    }
+
+    fn args(&self) -> [&str; 4] {
+        [
+            "--tls-cert",
+            self.cert.to_str().expect("utf-8"),
+            "--tls-key",
+            self.key.to_str().expect("utf-8"),
+        ]
+    }
+
+    /// A client that trusts this certificate.
+    fn trusting(&self) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.pem.as_bytes()).expect("PEM"))
+    }
+}
+
 /// Builds a 64 MiB image, starts downloading it, sends SIGTERM after the first chunk and
 /// reads on: the whole image arrives, no new connection is taken, and the server exits.
 async fn a_download_outlives_the_stop_signal(tls: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("a certificate");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
-    let tls_args = [
-        "--tls-cert",
-        cert.to_str().expect("utf-8"),
-        "--tls-key",
-        key.to_str().expect("utf-8"),
-    ];
+    let certificate = Certificate::new(dir.path());
+    let tls_args = certificate.args();
     let mut server = Server::start_with(
         &dir.path().join("data"),
         if tls { &tls_args[..] } else { &[] },
     );
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
-        )
-        .build()
-        .expect("client");
+    let client = certificate.trusting().build().expect("client");
     let built = client
         .post(format!("{}/api/images", server.url))
         .basic_auth("admin", Some(PASSWORD))
@@ -79,10 +103,8 @@ async fn a_download_outlives_the_stop_signal(tls: bool) {
     server.signal_stop();
     // The server acts on the signal while its answer waits on the socket buffers.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
-        )
+    let late = certificate
+        .trusting()
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client")
@@ -115,32 +137,14 @@ async fn a_download_in_flight_finishes_after_a_stop_signal_over_tls() {
 #[tokio::test]
 async fn with_a_certificate_the_api_is_served_over_tls_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .expect("a self-signed certificate");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, made.cert.pem()).expect("write cert");
-    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().expect("utf-8"),
-            "--tls-key",
-            key.to_str().expect("utf-8"),
-        ],
-    );
+    let certificate = Certificate::new(dir.path());
+    let server = Server::start_with(&dir.path().join("data"), &certificate.args());
     assert!(
         server.url.starts_with("https://127.0.0.1:"),
         "{}",
         server.url
     );
-    let trusting = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).expect("PEM"),
-        )
-        .build()
-        .expect("client");
+    let trusting = certificate.trusting().build().expect("client");
     let answer = trusting
         .get(format!("{}/api/images", server.url))
         .basic_auth("admin", Some(PASSWORD))
