@@ -194,6 +194,27 @@ fn a_certificate_that_cannot_be_read_stops_the_server_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_second_server_on_the_same_data_stops_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let first = Server::start(&data);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
+        .output()
+        .expect("run conductor");
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("another conductor server is using this database"),
+        "{said}"
+    );
+    // The first one goes on answering.
+    assert_eq!(first.get("/api/images").await.status, 200);
+}
+
+#[tokio::test]
 async fn a_config_file_sets_what_flags_and_the_environment_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("conductor.toml");

@@ -36,6 +36,11 @@ pub enum StoreError {
          run the conductor release that wrote it, or restore a backup made for this one"
     )]
     SchemaMismatch { found: u64 },
+    #[error(
+        "another conductor server is using this database (it is locked); stop that one, or \
+         give this one another --data directory"
+    )]
+    InUse,
 }
 
 macro_rules! redb_errors {
@@ -164,7 +169,10 @@ impl Store {
     /// Opens (or creates) the database, creates missing tables, and refuses a file written
     /// with another schema version.
     pub fn open(path: &Path, key: &CredentialKey) -> Result<Store> {
-        let db = Database::create(path)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            e => e.into(),
+        })?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
