@@ -80,6 +80,7 @@ pub enum ImageCommand {
         /// Provider accounts, comma-separated labels.
         #[arg(long)]
         accounts: String,
+        /// A parameter for the plugins' push, NAME=VALUE; repeatable.
         #[arg(long = "param", value_parser = pair)]
         parameters: Vec<(String, String)>,
         /// Follow the pushes until each has finished.
@@ -119,8 +120,15 @@ pub enum PushOf {
 
 #[derive(Subcommand, Debug)]
 pub enum ProviderCommand {
+    /// List providers.
     List,
-    Show {
+    /// Show a provider and its settings.
+    Show { id: String },
+    /// List the provider types the server's plugins bring.
+    Types,
+    /// Show a provider type: its settings, and the credentials its accounts take.
+    Type {
+        /// The type's id (a target: `ec2`, `openstack`, `mock`).
         id: String,
     },
     /// Create a provider of a provider type.
@@ -134,17 +142,16 @@ pub enum ProviderCommand {
         #[arg(long = "setting", value_parser = pair)]
         settings: Vec<(String, String)>,
     },
-    Delete {
-        id: String,
-    },
+    /// Delete a provider and its accounts; refused while images pushed through it exist.
+    Delete { id: String },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum AccountCommand {
+    /// List provider accounts.
     List,
-    Show {
-        id: String,
-    },
+    /// Show a provider account.
+    Show { id: String },
     /// Create an account on a provider; the server checks its credentials first.
     Create {
         /// The provider's id.
@@ -152,16 +159,16 @@ pub enum AccountCommand {
         provider: String,
         #[arg(long)]
         label: String,
-        /// A credential, NAME=VALUE (names as `conductor provider-type` shows); repeatable.
+        /// A credential, NAME=VALUE (the names `conductor provider type TYPE` lists);
+        /// repeatable.
         #[arg(long = "credential", value_parser = pair)]
         credentials: Vec<(String, String)>,
         /// Add the account to this environment (by id).
         #[arg(long)]
         environment: Option<String>,
     },
-    Delete {
-        id: String,
-    },
+    /// Delete a provider account; refused while images pushed with it exist.
+    Delete { id: String },
 }
 
 fn pair(raw: &str) -> Result<(String, String), String> {
@@ -730,6 +737,51 @@ pub async fn provider(connection: &Connection, command: ProviderCommand) -> anyh
             client
                 .call(Method::GET, &format!("/providers/{id}"), None)
                 .await?
+        }
+        ProviderCommand::Types => {
+            let value = client.call(Method::GET, "/provider_types", None).await?;
+            if let Some(value) = value {
+                list_table(&value, &["id", "name"]);
+            }
+            return Ok(());
+        }
+        ProviderCommand::Type { id } => {
+            let value = client
+                .call(Method::GET, &format!("/provider_types/{id}"), None)
+                .await?;
+            if let Some(value) = value {
+                let kind = root(&value);
+                println!(
+                    "{} ({}), builds {}",
+                    text(&kind["name"]),
+                    text(&kind["id"]),
+                    text(&kind["format"])
+                );
+                let settings: Vec<String> = list(&kind["settings"]).iter().map(text).collect();
+                println!(
+                    "provider settings: {}",
+                    if settings.is_empty() {
+                        "none".into()
+                    } else {
+                        settings.join(", ")
+                    }
+                );
+                println!("account credentials:");
+                let rows: Vec<Vec<String>> = list(&kind["credential_definitions"])
+                    .iter()
+                    .map(|c| {
+                        let required = text(&c["required"]) == "true";
+                        vec![
+                            text(&c["name"]),
+                            text(&c["label"]),
+                            text(&c["input_type"]),
+                            if required { "yes" } else { "no" }.into(),
+                        ]
+                    })
+                    .collect();
+                table(&["name", "label", "input", "required"], &rows);
+            }
+            return Ok(());
         }
         ProviderCommand::Create {
             name,

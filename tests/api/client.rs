@@ -205,6 +205,26 @@ async fn the_client_prints_the_servers_code_and_message_and_fails() {
     );
     let providers = ok(conductor(&server, &["provider", "list"]));
     assert!(providers.contains("mock-two"), "{providers}");
+    // What a provider type takes: ec2's settings, and its credentials with the optional
+    // x509 pair.
+    let types = ok(conductor(&server, &["provider", "types"]));
+    assert!(
+        types
+            .lines()
+            .any(|l| l.starts_with("ec2 ") && l.contains("Amazon EC2")),
+        "{types}"
+    );
+    let ec2 = ok(conductor(&server, &["provider", "type", "ec2"]));
+    assert!(ec2.contains("provider settings: region, endpoint"), "{ec2}");
+    let row = |cells: &[&str]| {
+        ec2.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == cells)
+    };
+    assert!(
+        row(&["account_id", "account_number", "text", "yes"]),
+        "{ec2}"
+    );
+    assert!(row(&["x509private", "key", "file", "no"]), "{ec2}");
 
     // An account in the default environment, and an image it holds imported.
     ok(conductor(
