@@ -54,9 +54,10 @@ pub async fn list(
     headers: HeaderMap,
 ) -> ApiResult {
     let rows = blocking(&state, move |store| {
+        let reader = store.reader()?;
         let mut rows = Vec::new();
-        for pi in store.provider_images(None)? {
-            if user.sees(store.target_image_environment(pi.target_image_id)?) {
+        for pi in reader.provider_images(None)? {
+            if user.sees(reader.target_image_environment(pi.target_image_id)?) {
                 rows.push(pi);
             }
         }

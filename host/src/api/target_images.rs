@@ -9,8 +9,7 @@ use super::{
 };
 use crate::model::Action;
 use crate::model::{Id, ProviderImage, TargetImage};
-use crate::store::Store;
-use crate::store::StoreError;
+use crate::store::{Reader, StoreError};
 use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -24,7 +23,7 @@ struct Row {
     env: Option<u64>,
 }
 
-fn row(store: &Store, ti: TargetImage) -> Result<Row, StoreError> {
+fn row(store: &Reader, ti: TargetImage) -> Result<Row, StoreError> {
     let image = match store.build(ti.build_id)? {
         Some(build) => store.image(build.image_id)?,
         None => None,
@@ -108,10 +107,11 @@ pub async fn list(
     headers: HeaderMap,
 ) -> ApiResult {
     let mut rows = blocking(&state, |store| {
-        store
+        let reader = store.reader()?;
+        reader
             .target_images(None)?
             .into_iter()
-            .map(|ti| row(store, ti))
+            .map(|ti| row(&reader, ti))
             .collect::<Result<Vec<Row>, StoreError>>()
     })
     .await?;
@@ -129,13 +129,14 @@ pub async fn list_of_build(
         || ApiError::bad_request("BuildNotFound", format!("Could not find Build {build}"));
     let id = parse_id(&build).ok_or_else(missing)?;
     let rows = blocking(&state, move |store| {
-        if !user.sees(store.build_environment(id)?) {
+        let reader = store.reader()?;
+        if !user.sees(reader.build_environment(id)?) {
             return Ok(None);
         }
-        let rows: Result<Vec<Row>, StoreError> = store
+        let rows: Result<Vec<Row>, StoreError> = reader
             .target_images(Some(id))?
             .into_iter()
-            .map(|ti| row(store, ti))
+            .map(|ti| row(&reader, ti))
             .collect();
         rows.map(Some)
     })
@@ -158,9 +159,12 @@ async fn show_one(
         )
     };
     let id = parse_id(raw).ok_or_else(missing)?;
-    let found = blocking(state, move |store| match store.target_image(id)? {
-        Some(ti) if parent.is_none_or(|p| p == ti.build_id) => row(store, ti).map(Some),
-        _ => Ok(None),
+    let found = blocking(state, move |store| {
+        let reader = store.reader()?;
+        match reader.target_image(id)? {
+            Some(ti) if parent.is_none_or(|p| p == ti.build_id) => row(&reader, ti).map(Some),
+            _ => Ok(None),
+        }
     })
     .await?
     .filter(|r| user.sees(r.env))
@@ -414,7 +418,9 @@ pub async fn cancel(
 
 /// The document of a target image as it was when it changed, for webhooks.
 pub(super) async fn document(state: &Shared, base: &str, ti: TargetImage) -> Option<String> {
-    let found = blocking(state, move |store| row(store, ti)).await.ok()?;
+    let found = blocking(state, move |store| row(&store.reader()?, ti))
+        .await
+        .ok()?;
     let mut doc = Doc::new();
     write_target_image(&mut doc, base, &found);
     Some(doc.finish())

@@ -12,7 +12,7 @@ use crate::model::{
 };
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use redb::{Database, Key, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Key, ReadTransaction, ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Borrow;
@@ -373,31 +373,22 @@ impl Store {
 
     /// The environment an image belongs to.
     pub fn image_environment(&self, id: Id) -> Result<Option<u64>> {
-        Ok(self.image(id)?.map(|i| i.environment_id))
+        self.reader()?.image_environment(id)
     }
 
     /// The environment of a build's image.
     pub fn build_environment(&self, id: Id) -> Result<Option<u64>> {
-        match self.build(id)? {
-            Some(build) => self.image_environment(build.image_id),
-            None => Ok(None),
-        }
+        self.reader()?.build_environment(id)
     }
 
     /// The environment of a target image's image.
     pub fn target_image_environment(&self, id: Id) -> Result<Option<u64>> {
-        match self.target_image(id)? {
-            Some(ti) => self.build_environment(ti.build_id),
-            None => Ok(None),
-        }
+        self.reader()?.target_image_environment(id)
     }
 
     /// The environment of a provider image's image.
     pub fn provider_image_environment(&self, id: Id) -> Result<Option<u64>> {
-        match self.provider_image(id)? {
-            Some(pi) => self.target_image_environment(pi.target_image_id),
-            None => Ok(None),
-        }
+        self.reader()?.provider_image_environment(id)
     }
 
     pub fn put_user(&self, user: &User) -> Result<()> {
@@ -594,8 +585,7 @@ impl Store {
     // ---- images and their descendants ----
 
     pub fn image(&self, id: Id) -> Result<Option<Image>> {
-        let txn = self.db.begin_read()?;
-        get(&txn.open_table(IMAGES)?, "images", id.as_u128())
+        self.reader()?.image(id)
     }
 
     /// All images, or those of one environment, in creation order.
@@ -661,78 +651,38 @@ impl Store {
     }
 
     pub fn build(&self, id: Id) -> Result<Option<Build>> {
-        let txn = self.db.begin_read()?;
-        get(&txn.open_table(BUILDS)?, "builds", id.as_u128())
+        self.reader()?.build(id)
     }
 
     /// All builds, or the builds of one image, oldest first.
     pub fn builds(&self, image: Option<Id>) -> Result<Vec<Build>> {
-        let txn = self.db.begin_read()?;
-        let builds = txn.open_table(BUILDS)?;
-        match image {
-            None => all(&builds, "builds"),
-            Some(image) => {
-                let ids = children(&txn.open_table(BUILDS_BY_IMAGE)?, image.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, Build>(&builds, "builds", id)?);
-                }
-                Ok(rows)
-            }
-        }
+        self.reader()?.builds(image)
     }
 
     pub fn target_image(&self, id: Id) -> Result<Option<TargetImage>> {
-        let txn = self.db.begin_read()?;
-        get(
-            &txn.open_table(TARGET_IMAGES)?,
-            "target images",
-            id.as_u128(),
-        )
+        self.reader()?.target_image(id)
     }
 
     /// All target images, or those of one build, in creation order.
     pub fn target_images(&self, build: Option<Id>) -> Result<Vec<TargetImage>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(TARGET_IMAGES)?;
-        match build {
-            None => all(&table, "target images"),
-            Some(build) => {
-                let ids = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, TargetImage>(&table, "target images", id)?);
-                }
-                Ok(rows)
-            }
-        }
+        self.reader()?.target_images(build)
     }
 
     pub fn provider_image(&self, id: Id) -> Result<Option<ProviderImage>> {
-        let txn = self.db.begin_read()?;
-        get(
-            &txn.open_table(PROVIDER_IMAGES)?,
-            "provider images",
-            id.as_u128(),
-        )
+        self.reader()?.provider_image(id)
     }
 
     /// All provider images, or those of one target image, in creation order.
     pub fn provider_images(&self, target_image: Option<Id>) -> Result<Vec<ProviderImage>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(PROVIDER_IMAGES)?;
-        match target_image {
-            None => all(&table, "provider images"),
-            Some(ti) => {
-                let index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
-                let ids = children(&index, ti.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, ProviderImage>(&table, "provider images", id)?);
-                }
-                Ok(rows)
-            }
-        }
+        self.reader()?.provider_images(target_image)
+    }
+
+    /// One read transaction for several reads: they see one state of the store, and a
+    /// list that looks up each row's parents pays for one transaction, not three a row.
+    pub fn reader(&self) -> Result<Reader> {
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
     }
 
     /// Stores a build request at once: the image (when new), the build, its target images
@@ -1014,6 +964,118 @@ impl Store {
             removed.provider_images.push(row);
         }
         Ok(())
+    }
+}
+
+/// Reads made in one read transaction (see [`Store::reader`]).
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+impl Reader {
+    /// The environment an image belongs to.
+    pub fn image_environment(&self, id: Id) -> Result<Option<u64>> {
+        Ok(self.image(id)?.map(|i| i.environment_id))
+    }
+
+    /// The environment of a build's image.
+    pub fn build_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.build(id)? {
+            Some(build) => self.image_environment(build.image_id),
+            None => Ok(None),
+        }
+    }
+
+    /// The environment of a target image's image.
+    pub fn target_image_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.target_image(id)? {
+            Some(ti) => self.build_environment(ti.build_id),
+            None => Ok(None),
+        }
+    }
+
+    /// The environment of a provider image's image.
+    pub fn provider_image_environment(&self, id: Id) -> Result<Option<u64>> {
+        match self.provider_image(id)? {
+            Some(pi) => self.target_image_environment(pi.target_image_id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn image(&self, id: Id) -> Result<Option<Image>> {
+        get(&self.txn.open_table(IMAGES)?, "images", id.as_u128())
+    }
+
+    pub fn build(&self, id: Id) -> Result<Option<Build>> {
+        get(&self.txn.open_table(BUILDS)?, "builds", id.as_u128())
+    }
+
+    /// All builds, or the builds of one image, oldest first.
+    pub fn builds(&self, image: Option<Id>) -> Result<Vec<Build>> {
+        let txn = &self.txn;
+        let builds = txn.open_table(BUILDS)?;
+        match image {
+            None => all(&builds, "builds"),
+            Some(image) => {
+                let ids = children(&txn.open_table(BUILDS_BY_IMAGE)?, image.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, Build>(&builds, "builds", id)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    pub fn target_image(&self, id: Id) -> Result<Option<TargetImage>> {
+        get(
+            &self.txn.open_table(TARGET_IMAGES)?,
+            "target images",
+            id.as_u128(),
+        )
+    }
+
+    /// All target images, or those of one build, in creation order.
+    pub fn target_images(&self, build: Option<Id>) -> Result<Vec<TargetImage>> {
+        let txn = &self.txn;
+        let table = txn.open_table(TARGET_IMAGES)?;
+        match build {
+            None => all(&table, "target images"),
+            Some(build) => {
+                let ids = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, TargetImage>(&table, "target images", id)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    pub fn provider_image(&self, id: Id) -> Result<Option<ProviderImage>> {
+        get(
+            &self.txn.open_table(PROVIDER_IMAGES)?,
+            "provider images",
+            id.as_u128(),
+        )
+    }
+
+    /// All provider images, or those of one target image, in creation order.
+    pub fn provider_images(&self, target_image: Option<Id>) -> Result<Vec<ProviderImage>> {
+        let txn = &self.txn;
+        let table = txn.open_table(PROVIDER_IMAGES)?;
+        match target_image {
+            None => all(&table, "provider images"),
+            Some(ti) => {
+                let index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
+                let ids = children(&index, ti.as_u128())?;
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    rows.extend(get::<u128, ProviderImage>(&table, "provider images", id)?);
+                }
+                Ok(rows)
+            }
+        }
     }
 }
 
