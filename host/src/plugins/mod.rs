@@ -1031,6 +1031,65 @@ fn swap_possible() -> bool {
     !matches!(max.as_deref().map(str::trim), Ok("0"))
 }
 
+/// Whether the kernel answers the PAGEMAP_SCAN ioctl (Linux 6.7+), asked the way
+/// wasmtime asks before using it. Without it wasmtime would zero the first
+/// `KEEP_RESIDENT` bytes of a slot at every reset, written or not, which is slower than
+/// giving the pages back; so keep-resident is set only when this says yes.
+fn pagemap_scan_available() -> bool {
+    use std::os::fd::AsRawFd;
+    /// `struct page_region` of linux/fs.h.
+    #[repr(C)]
+    struct PageRegion {
+        start: u64,
+        end: u64,
+        categories: u64,
+    }
+    /// `struct pm_scan_arg` of linux/fs.h; the kernel refuses any other size.
+    #[repr(C)]
+    struct PmScanArg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+    /// `_IOWR('f', 16, struct pm_scan_arg)`.
+    const PAGEMAP_SCAN: libc::Ioctl = 0xC060_6610;
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let mut region = PageRegion {
+        start: 0,
+        end: 0,
+        categories: 0,
+    };
+    // An empty range, every category (the eight wasmtime knows), one region at most.
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start: 0,
+        end: 0,
+        walk_end: 0,
+        vec: &raw mut region as u64,
+        vec_len: 1,
+        max_pages: 1,
+        category_inverted: 0,
+        category_mask: 0xff,
+        category_anyof_mask: 0,
+        return_mask: 0,
+    };
+    // SAFETY: the descriptor is open for the call; `arg` and the one region it points to
+    // live across it and have the kernel's layout (a wrong size is refused, not misread).
+    unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &raw mut arg) >= 0 }
+}
+
 /// The engine and every loaded plugin, by target name.
 pub struct Plugins {
     engine: Engine,
@@ -1115,13 +1174,17 @@ impl Plugins {
         // written page that is swapped out is neither zeroed nor given back by wasmtime
         // 48's scan, and the next call in the slot, perhaps another tenant's, would
         // read it.
-        if !swap_possible() {
-            pool.linear_memory_keep_resident(KEEP_RESIDENT)
-                .pagemap_scan(wasmtime::Enabled::Yes);
-        } else {
+        if swap_possible() {
             tracing::info!(
                 "swap is active: plugin memory slots are reset by giving pages back, so plugin calls are slower (README, Swap)"
             );
+        } else if !pagemap_scan_available() {
+            tracing::info!(
+                "this kernel has no PAGEMAP_SCAN (Linux 6.7+): plugin memory slots are reset by giving pages back, so plugin calls are slower"
+            );
+        } else {
+            pool.linear_memory_keep_resident(KEEP_RESIDENT)
+                .pagemap_scan(wasmtime::Enabled::Yes);
         }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
@@ -1413,5 +1476,27 @@ mod grant_tests {
         assert!(grant(&patterns, &settings(&[("region", "a:1@evil")])).is_empty());
         // No value, no grant.
         assert!(grant(&patterns, &[]).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::pagemap_scan_available;
+
+    /// The probe's hand-written ioctl layout is checked against the kernel: on Linux 6.7
+    /// or later (where PAGEMAP_SCAN exists) it must answer yes, or plugin calls would
+    /// silently take the slow reset.
+    #[test]
+    fn the_pagemap_scan_probe_answers_yes_where_the_kernel_has_it() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u32>().ok());
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        assert_eq!(
+            pagemap_scan_available(),
+            version >= (6, 7),
+            "kernel {release}"
+        );
     }
 }
