@@ -12,7 +12,7 @@
 
 mod common;
 
-use conductor::plugins::{CallContext, Limits, Plugins, TemplateFacts};
+use conductor::plugins::{CallContext, Limits, MemoryReset, Plugins, TemplateFacts};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,7 +87,8 @@ fn main() {
         "# files in {}; median of {RUNS} runs each",
         dir.path().display()
     );
-    let plugins = Plugins::new(Limits::default(), &[], None, None).expect("engine");
+    let plugins =
+        Plugins::new(Limits::default(), &[], MemoryReset::Release, None, None).expect("engine");
     plugins.load_bundled().expect("bundled plugins");
     let mock = plugins.get("mock").expect("the mock plugin");
     let out = dir.path().join("out");

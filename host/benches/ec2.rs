@@ -15,7 +15,7 @@
 
 mod common;
 
-use conductor::plugins::{CallContext, Limits, Plugins, Target};
+use conductor::plugins::{CallContext, Limits, MemoryReset, Plugins, Target};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,7 +93,8 @@ fn main() {
         data >> 20
     );
 
-    let plugins = Plugins::new(Limits::default(), &[], None, None).expect("engine");
+    let plugins =
+        Plugins::new(Limits::default(), &[], MemoryReset::Release, None, None).expect("engine");
     plugins.load_bundled().expect("bundled plugins");
     let ec2 = plugins.get("ec2").expect("the ec2 plugin");
     let target = Target {

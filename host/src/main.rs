@@ -72,6 +72,16 @@ enum Command {
             value_delimiter = ';'
         )]
         plugin_limits: Vec<conductor::plugins::PluginLimit>,
+        /// How a plugin's memory is made blank between calls: `release` gives every page
+        /// back (nothing a call wrote can reach the next); `scan` zeroes the pages a call
+        /// wrote in place, about twice as fast, but a page the kernel is swapping or moving
+        /// at that moment keeps its data: only for servers with a single tenant.
+        #[arg(
+            long = "plugin-memory-reset",
+            env = "CONDUCTOR_PLUGIN_MEMORY_RESET",
+            default_value = "release"
+        )]
+        plugin_memory_reset: conductor::plugins::MemoryReset,
         /// A PEM certificate chain: with --tls-key, the API is served over HTTPS only.
         #[arg(long, env = "CONDUCTOR_TLS_CERT", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -102,6 +112,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("max_per_target", "CONDUCTOR_MAX_PER_TARGET"),
     ("max_per_environment", "CONDUCTOR_MAX_PER_ENVIRONMENT"),
     ("plugin_limits", "CONDUCTOR_PLUGIN_LIMITS"),
+    ("plugin_memory_reset", "CONDUCTOR_PLUGIN_MEMORY_RESET"),
     ("tls_cert", "CONDUCTOR_TLS_CERT"),
     ("tls_key", "CONDUCTOR_TLS_KEY"),
     ("log", "CONDUCTOR_LOG"),
@@ -196,6 +207,7 @@ async fn run() -> anyhow::Result<()> {
             max_per_target,
             max_per_environment,
             plugin_limits,
+            plugin_memory_reset,
             tls_cert,
             tls_key,
         } => {
@@ -213,6 +225,7 @@ async fn run() -> anyhow::Result<()> {
                 },
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
                 plugin_limits,
+                plugin_memory_reset,
                 tls: tls_cert.zip(tls_key),
             })
             .await;

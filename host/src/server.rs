@@ -6,7 +6,7 @@ use crate::auth::{self, Authenticator};
 use crate::blobs::Blobs;
 use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
-use crate::plugins::{Limits, PluginLimit, Plugins};
+use crate::plugins::{Limits, MemoryReset, PluginLimit, Plugins};
 use crate::store::Store;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,7 @@ pub struct Config {
     pub concurrency: Concurrency,
     /// Limits of plugin calls (memory, time, fuel) for some or all provider types.
     pub plugin_limits: Vec<PluginLimit>,
+    pub plugin_memory_reset: MemoryReset,
     /// The bootstrap admin's password on first start; generated and printed when unset.
     pub admin_password: Option<String>,
     /// PEM certificate chain and private key: with both, the API is served over TLS only.
@@ -51,6 +52,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let plugins = Arc::new(Plugins::new(
         Limits::default(),
         &config.plugin_limits,
+        config.plugin_memory_reset,
         Some(config.data.join("plugin-cache")),
         config.plugins.clone(),
     )?);

@@ -151,13 +151,22 @@ async fn a_panic_fails_only_its_own_build() {
     );
 }
 
-#[tokio::test]
-async fn a_call_finds_nothing_an_earlier_call_left_in_memory() {
+/// One call fills a MiB of its memory with a marker byte; the calls after it, given the
+/// memory slot it left (the pool hands a plugin back its last slot), must find every page
+/// of it zeroed. Run in turn, so that the slot is free for the next.
+async fn nothing_is_left_for_the_next_call(reset: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(dir.path(), LIMITS);
-    // One call fills a MiB of its memory with a marker byte; the calls after it, given
-    // the memory slot it left (the pool hands a plugin back its last slot), must find
-    // every page of it zeroed. Run in turn, so that the slot is free for the next.
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            "--plugins",
+            &sandbox_plugins(),
+            "--plugin-limit",
+            LIMITS,
+            "--plugin-memory-reset",
+            reset,
+        ],
+    );
     let remembered = watch(
         &server,
         &build(&server, "hostile", &[("mode", "remember")]).await,
@@ -172,6 +181,16 @@ async fn a_call_finds_nothing_an_earlier_call_left_in_memory() {
         .await;
         assert_eq!(snooped.text("status"), "COMPLETE", "{}", snooped.body);
     }
+}
+
+#[tokio::test]
+async fn a_call_finds_nothing_an_earlier_call_left_in_memory() {
+    nothing_is_left_for_the_next_call("release").await;
+}
+
+#[tokio::test]
+async fn a_call_finds_nothing_an_earlier_call_left_when_written_pages_are_scanned() {
+    nothing_is_left_for_the_next_call("scan").await;
 }
 
 #[tokio::test]
@@ -383,4 +402,23 @@ fn a_bad_plugin_limit_stops_the_server_before_it_starts() {
         stderr.contains("memory must be a number of bytes or of KiB, MiB or GiB"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_unknown_memory_reset_stops_the_server_before_it_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .args(["--plugin-memory-reset", "fast"])
+        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
+        .output()
+        .expect("run conductor");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("'fast' is not a memory reset: release or scan"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was set up");
 }

@@ -1001,6 +1001,33 @@ fn wit_target(target: &Target) -> (wit::Provider, wit::Account) {
     )
 }
 
+/// How a plugin's memory slot is made blank for the next call (`--plugin-memory-reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryReset {
+    /// Every page is given back to the kernel (madvise); the next call faults in fresh
+    /// zero pages. Nothing a call wrote can reach the next call in the slot.
+    #[default]
+    Release,
+    /// The pages a call wrote are found with Linux's PAGEMAP_SCAN and zeroed in place,
+    /// and stay resident: calls take about half the time. But wasmtime 48's scan skips
+    /// a written page that is not resident at that moment (swapped out, or being moved
+    /// by the kernel's compaction), which then keeps the last call's data: for servers
+    /// whose plugins and accounts all belong to one tenant.
+    Scan,
+}
+
+impl std::str::FromStr for MemoryReset {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<MemoryReset, String> {
+        match text {
+            "release" => Ok(MemoryReset::Release),
+            "scan" => Ok(MemoryReset::Scan),
+            other => Err(format!("'{other}' is not a memory reset: release or scan")),
+        }
+    }
+}
+
 /// What a memory slot keeps resident between calls when written pages are zeroed in
 /// place: 128 pages, more than a short call writes. Across the 128 slots of the pool that
 /// is at most 64 MiB held by idle slots.
@@ -1029,65 +1056,6 @@ fn swap_possible() -> bool {
         path.trim_end_matches('/')
     ));
     !matches!(max.as_deref().map(str::trim), Ok("0"))
-}
-
-/// Whether the kernel answers the PAGEMAP_SCAN ioctl (Linux 6.7+), asked the way
-/// wasmtime asks before using it. Without it wasmtime would zero the first
-/// `KEEP_RESIDENT` bytes of a slot at every reset, written or not, which is slower than
-/// giving the pages back; so keep-resident is set only when this says yes.
-fn pagemap_scan_available() -> bool {
-    use std::os::fd::AsRawFd;
-    /// `struct page_region` of linux/fs.h.
-    #[repr(C)]
-    struct PageRegion {
-        start: u64,
-        end: u64,
-        categories: u64,
-    }
-    /// `struct pm_scan_arg` of linux/fs.h; the kernel refuses any other size.
-    #[repr(C)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-    /// `_IOWR('f', 16, struct pm_scan_arg)`.
-    const PAGEMAP_SCAN: libc::Ioctl = 0xC060_6610;
-    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
-        return false;
-    };
-    let mut region = PageRegion {
-        start: 0,
-        end: 0,
-        categories: 0,
-    };
-    // An empty range, every category (the eight wasmtime knows), one region at most.
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags: 0,
-        start: 0,
-        end: 0,
-        walk_end: 0,
-        vec: &raw mut region as u64,
-        vec_len: 1,
-        max_pages: 1,
-        category_inverted: 0,
-        category_mask: 0xff,
-        category_anyof_mask: 0,
-        return_mask: 0,
-    };
-    // SAFETY: the descriptor is open for the call; `arg` and the one region it points to
-    // live across it and have the kernel's layout (a wrong size is refused, not misread).
-    unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &raw mut arg) >= 0 }
 }
 
 /// The engine and every loaded plugin, by target name.
@@ -1128,6 +1096,7 @@ impl Plugins {
     pub fn new(
         limits: Limits,
         settings: &[PluginLimit],
+        reset: MemoryReset,
         cache: Option<PathBuf>,
         dir: Option<PathBuf>,
     ) -> Result<Plugins, LoadError> {
@@ -1168,23 +1137,21 @@ impl Plugins {
             .table_keep_resident(64 << 10);
         // Resetting a memory slot with madvise gives every page back, and the next call
         // takes a page fault for each one it touches again: some forty for a trivial call,
-        // most of its 25 µs. PAGEMAP_SCAN finds the pages the call wrote and zeroes just
-        // those in place (up to KEEP_RESIDENT), so the next call faults on none: under
-        // 10 µs (benches/plugins.rs). It is used only where no page can be swapped out: a
-        // written page that is swapped out is neither zeroed nor given back by wasmtime
-        // 48's scan, and the next call in the slot, perhaps another tenant's, would
-        // read it.
-        if swap_possible() {
-            tracing::info!(
-                "swap is active: plugin memory slots are reset by giving pages back, so plugin calls are slower (README, Swap)"
-            );
-        } else if !pagemap_scan_available() {
-            tracing::info!(
-                "this kernel has no PAGEMAP_SCAN (Linux 6.7+): plugin memory slots are reset by giving pages back, so plugin calls are slower"
-            );
-        } else {
-            pool.linear_memory_keep_resident(KEEP_RESIDENT)
-                .pagemap_scan(wasmtime::Enabled::Yes);
+        // most of its 25 µs. The scan reset zeroes only what a call wrote and keeps it
+        // resident (see MemoryReset::Scan for why it is not the default).
+        if reset == MemoryReset::Scan {
+            if swap_possible() {
+                tracing::warn!(
+                    "--plugin-memory-reset scan ignored: swap is active, and a swapped-out page would escape the reset"
+                );
+            } else if !PoolingAllocationConfig::is_pagemap_scan_available() {
+                tracing::warn!(
+                    "--plugin-memory-reset scan ignored: this kernel has no PAGEMAP_SCAN (Linux 6.7+)"
+                );
+            } else {
+                pool.linear_memory_keep_resident(KEEP_RESIDENT)
+                    .pagemap_scan(wasmtime::Enabled::Yes);
+            }
         }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
@@ -1476,27 +1443,5 @@ mod grant_tests {
         assert!(grant(&patterns, &settings(&[("region", "a:1@evil")])).is_empty());
         // No value, no grant.
         assert!(grant(&patterns, &[]).is_empty());
-    }
-}
-
-#[cfg(test)]
-mod reset_tests {
-    use super::pagemap_scan_available;
-
-    /// The probe's hand-written ioctl layout is checked against the kernel: on Linux 6.7
-    /// or later (where PAGEMAP_SCAN exists) it must answer yes, or plugin calls would
-    /// silently take the slow reset.
-    #[test]
-    fn the_pagemap_scan_probe_answers_yes_where_the_kernel_has_it() {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut numbers = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse::<u32>().ok());
-        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        assert_eq!(
-            pagemap_scan_available(),
-            version >= (6, 7),
-            "kernel {release}"
-        );
     }
 }
