@@ -127,16 +127,18 @@ async fn render_one(
     let id = parse_id(&raw).ok_or_else(|| image_not_found(&raw))?;
     let key = format!("{base}/images/{id}");
     // Read before the record: a write committed in between makes what is kept stale.
+    // While a write is being committed nothing is kept or reused.
     let generation = state.store.generation();
-    let kept = match state.rendered.get(&key, generation) {
+    let kept = match generation.and_then(|g| state.rendered.get(&key, g)) {
         Some(kept) => Some(kept),
         None => {
             let found = blocking(state, move |store| {
-                let Some(image) = store.image(id)? else {
+                let reader = store.reader()?;
+                let Some(image) = reader.image(id)? else {
                     return Ok(None);
                 };
                 let environments = store.environments()?;
-                let builds = store.builds(Some(id))?;
+                let builds = reader.builds(Some(id))?;
                 Ok(Some((
                     env_name(&environments, image.environment_id),
                     image,
@@ -148,12 +150,15 @@ async fn render_one(
                 let mut doc = Doc::new();
                 write_image(&mut doc, &base, &image, &environment_name, &builds);
                 let kept = Kept {
-                    generation,
+                    generation: generation.unwrap_or_default(),
                     environment: image.environment_id,
                     environment_name,
                     body: Bytes::from(doc.finish()),
                 };
-                state.rendered.keep(key, kept)
+                match generation {
+                    Some(_) => state.rendered.keep(key, kept),
+                    None => std::sync::Arc::new(kept),
+                }
             })
         }
     };

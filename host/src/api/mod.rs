@@ -412,7 +412,7 @@ async fn metrics() -> Response {
 /// the span its log lines carry ([`request_id`]), the body limit ([`too_large`]), the
 /// `/conductor` prefix and format suffixes ([`rewrite_path`]) and, for `/api`, the
 /// credentials ([`authenticate`]). One layer, not four: each layer costs a boxed clone
-/// of the service behind it on every request, which was a tenth of the cost of a GET
+/// of the service behind it on every request, which was about a sixth of the cost of a GET
 /// answered from memory.
 async fn edge(State(state): State<Shared>, request: Request, next: Next) -> Response {
     use tracing::Instrument as _;
@@ -493,7 +493,7 @@ fn request_id(request: &Request) -> String {
         .unwrap_or_else(new_request_id)
 }
 
-/// A UUIDv7 (time-ordered, so ids sort with the log) whose random part comes from the
+/// A UUIDv7 (ordered by time to the millisecond) whose random part comes from the
 /// thread's generator: `Uuid::now_v7` asks the kernel for randomness on every call, a
 /// system call per request for an id that needs no secrecy.
 fn new_request_id() -> String {

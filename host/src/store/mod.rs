@@ -144,8 +144,12 @@ pub struct Store {
     db: Database,
     /// Seals account credentials: they are stored only encrypted (AES-256-GCM).
     cipher: Aes256Gcm,
-    /// Counts committed writes (see [`Store::generation`]).
+    /// Odd while a write is being committed, even otherwise; grows by two with each
+    /// commit (see [`Store::generation`]).
     generation: AtomicU64,
+    /// Pairs each commit's two steps of `generation`: redb lets the next write begin as
+    /// soon as a commit is done, before that commit's second step.
+    committing: std::sync::Mutex<()>,
 }
 
 /// An account as stored: like [`Account`], with the credentials sealed.
@@ -205,22 +209,32 @@ impl Store {
             db,
             cipher: Aes256Gcm::new(key.into()),
             generation: AtomicU64::new(0),
+            committing: std::sync::Mutex::new(()),
         })
     }
 
     /// Commits a write and counts it. Every write of this store goes through here.
     fn commit(&self, txn: WriteTransaction) -> Result<()> {
-        txn.commit()?;
-        self.generation.fetch_add(1, Ordering::Release);
+        let _one_commit = self
+            .committing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let committed = txn.commit();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        committed?;
         Ok(())
     }
 
-    /// A number that changes whenever a write has been committed since it was read. What
-    /// was read from the store after reading the generation `g` is still current while the
-    /// generation is `g`: answers rendered from it can be kept and reused until then,
-    /// without a transaction (and without leaving the async runtime).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// A number that changes whenever a write is committed, or `None` while one is being
+    /// committed. What was read from the store after reading the generation `g` is still
+    /// current while the generation is `g`: answers rendered from it can be kept and
+    /// reused until then, without a transaction (and without leaving the async runtime).
+    /// A write's first step comes before its data can be seen and its second after, so
+    /// no answer read before a write is taken as current once the write can be seen.
+    pub fn generation(&self) -> Option<u64> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        generation.is_multiple_of(2).then_some(generation)
     }
 
     fn next_id(txn: &WriteTransaction, table: &str) -> Result<u64> {
@@ -384,11 +398,6 @@ impl Store {
     /// The environment of a target image's image.
     pub fn target_image_environment(&self, id: Id) -> Result<Option<u64>> {
         self.reader()?.target_image_environment(id)
-    }
-
-    /// The environment of a provider image's image.
-    pub fn provider_image_environment(&self, id: Id) -> Result<Option<u64>> {
-        self.reader()?.provider_image_environment(id)
     }
 
     pub fn put_user(&self, user: &User) -> Result<()> {
@@ -994,14 +1003,6 @@ impl Reader {
         }
     }
 
-    /// The environment of a provider image's image.
-    pub fn provider_image_environment(&self, id: Id) -> Result<Option<u64>> {
-        match self.provider_image(id)? {
-            Some(pi) => self.target_image_environment(pi.target_image_id),
-            None => Ok(None),
-        }
-    }
-
     pub fn image(&self, id: Id) -> Result<Option<Image>> {
         get(&self.txn.open_table(IMAGES)?, "images", id.as_u128())
     }
@@ -1082,6 +1083,22 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_commit_moves_the_generation_on_and_it_is_even_between_commits() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
+            table: "test",
+            reason: e.to_string(),
+        })?;
+        let store = Store::open(&dir.path().join("c.redb"), &[7; 32])?;
+        let before = store.generation().expect("no commit under way");
+        store.create_environment("one", "")?;
+        let after = store.generation().expect("no commit under way");
+        assert_eq!(after, before + 2);
+        store.create_environment("two", "")?;
+        assert_eq!(store.generation(), Some(after + 2));
+        Ok(())
+    }
 
     #[test]
     fn a_file_with_another_schema_version_is_refused_with_advice() -> Result<()> {
