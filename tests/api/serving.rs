@@ -101,21 +101,17 @@ async fn a_download_outlives_the_stop_signal(tls: bool) {
         .expect("a first chunk")
         .map_or(0, |c| c.len());
     server.signal_stop();
-    // The server acts on the signal while its answer waits on the socket buffers.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = certificate
-        .trusting()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client")
-        .get(format!("{}/api", server.url))
-        .basic_auth("admin", Some(PASSWORD))
-        .send()
-        .await;
-    assert!(
-        late.is_err(),
-        "a new connection was served after the stop signal"
-    );
+    // While the answer waits on the socket buffers, the server acts on the signal: its
+    // port stops taking connections.
+    let address = server.url.split("://").nth(1).expect("a URL").to_owned();
+    crate::harness::eventually(
+        Duration::from_secs(20),
+        async || match std::net::TcpStream::connect(&address) {
+            Ok(_) => Err("a new connection is still accepted after the stop signal".into()),
+            Err(_) => Ok(()),
+        },
+    )
+    .await;
     while let Some(chunk) = download.chunk().await.expect("the rest of the image") {
         received += chunk.len();
     }
@@ -198,14 +194,30 @@ async fn a_second_server_on_the_same_data_stops_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let first = Server::start(&data);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(&data)
         .env("CONDUCTOR_ADMIN_PASSWORD", "x")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run conductor");
-    assert!(!output.status.success());
-    let said = String::from_utf8_lossy(&output.stderr);
+    // It must stop by itself; if it ran on, the lock would have failed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second server started on a data directory in use");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut said)
+        .expect("stderr");
     assert!(
         said.contains("another conductor server is using this database"),
         "{said}"

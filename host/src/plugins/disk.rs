@@ -270,12 +270,15 @@ impl DiskWriter {
                     &mut from,
                     self.file.as_raw_fd(),
                     &mut to,
-                    left.min(1 << 30) as usize,
+                    // At most WRITEBACK_EVERY at a time, so writeback starts during a
+                    // long copy and not only after it.
+                    left.min(WRITEBACK_EVERY) as usize,
                     0,
                 )
             };
             if copied > 0 {
                 left -= copied as u64;
+                self.written(copied as u64);
                 continue;
             }
             let error = io::Error::last_os_error();
@@ -287,14 +290,12 @@ impl DiskWriter {
             {
                 // Not supported between these files (or the source ended early): copy
                 // the rest through a buffer.
-                self.written(length - left);
                 return self.copy_through_buffer(source, from as u64, left, to as u64);
             }
             if error.kind() != io::ErrorKind::Interrupted {
                 return Err(error);
             }
         }
-        self.written(length);
         Ok(())
     }
 
