@@ -310,26 +310,33 @@ async fn oversized_bodies_are_refused() {
     // The server answers from the headers alone, before the body is sent, so speak raw
     // HTTP: a client library would see its upload cut off instead of the reply.
     let address = server.url.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    let auth = format!("admin:{}", crate::harness::PASSWORD);
-    let request = format!(
-        "POST /api/images HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {}\r\nContent-Length: {}\r\n\r\n<image>",
-        base64::engine::general_purpose::STANDARD.encode(auth),
-        4 << 20
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send headers");
-    let mut reply = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut reply))
-        .await
-        .expect("the server answered without waiting for the body")
-        .expect("read reply");
-    let reply = String::from_utf8_lossy(&reply[..n]);
+    let auth = base64::engine::general_purpose::STANDARD
+        .encode(format!("admin:{}", crate::harness::PASSWORD));
+    let refusal = async |path: &str| {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {auth}\r\nContent-Length: {}\r\n\r\n<image>",
+            4 << 20
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send headers");
+        let mut reply = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut reply))
+            .await
+            .expect("the server answered without waiting for the body")
+            .expect("read reply");
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    };
+    let reply = refusal("/api/images").await;
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("<code>RequestTooLarge</code>"), "{reply}");
+    // A client that asked for JSON gets the refusal in JSON.
+    let reply = refusal("/api/images.json").await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("\"code\":\"RequestTooLarge\""), "{reply}");
     assert!(server.get("/api/images").await.ids("image").is_empty());
 }
