@@ -386,18 +386,25 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
     assert_eq!(server.get("/api").await.status, 200);
 }
 
-#[test]
-fn a_bad_plugin_limit_stops_the_server_before_it_starts() {
+/// Runs `conductor serve` with `args` on a fresh data directory; asserts it stopped
+/// without setting anything up, and answers what it said on stderr.
+fn refused_at_start(args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .args(["--plugin-limit", "hostile:memory=lots"])
+        .arg(dir.path().join("data"))
+        .args(args)
         .env("CONDUCTOR_ADMIN_PASSWORD", "x")
         .output()
         .expect("run conductor");
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!dir.path().join("data").exists(), "nothing was set up");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_plugin_limit_stops_the_server_before_it_starts() {
+    let stderr = refused_at_start(&["--plugin-limit", "hostile:memory=lots"]);
     assert!(
         stderr.contains("memory must be a number of bytes or of KiB, MiB or GiB"),
         "{stderr}"
@@ -406,19 +413,9 @@ fn a_bad_plugin_limit_stops_the_server_before_it_starts() {
 
 #[test]
 fn an_unknown_memory_reset_stops_the_server_before_it_starts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .args(["--plugin-memory-reset", "fast"])
-        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
-        .output()
-        .expect("run conductor");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_at_start(&["--plugin-memory-reset", "fast"]);
     assert!(
         stderr.contains("'fast' is not a memory reset: release or scan"),
         "{stderr}"
     );
-    assert!(!dir.path().join("data").exists(), "nothing was set up");
 }

@@ -12,7 +12,9 @@ use crate::model::{
 };
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use redb::{Database, Key, ReadTransaction, ReadableTable, Table, WriteTransaction};
+use redb::{
+    Database, Key, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Borrow;
@@ -1013,19 +1015,7 @@ impl Reader {
 
     /// All builds, or the builds of one image, oldest first.
     pub fn builds(&self, image: Option<Id>) -> Result<Vec<Build>> {
-        let txn = &self.txn;
-        let builds = txn.open_table(BUILDS)?;
-        match image {
-            None => all(&builds, "builds"),
-            Some(image) => {
-                let ids = children(&txn.open_table(BUILDS_BY_IMAGE)?, image.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, Build>(&builds, "builds", id)?);
-                }
-                Ok(rows)
-            }
-        }
+        self.all_or_children(BUILDS, "builds", BUILDS_BY_IMAGE, image)
     }
 
     pub fn target_image(&self, id: Id) -> Result<Option<TargetImage>> {
@@ -1038,19 +1028,12 @@ impl Reader {
 
     /// All target images, or those of one build, in creation order.
     pub fn target_images(&self, build: Option<Id>) -> Result<Vec<TargetImage>> {
-        let txn = &self.txn;
-        let table = txn.open_table(TARGET_IMAGES)?;
-        match build {
-            None => all(&table, "target images"),
-            Some(build) => {
-                let ids = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, TargetImage>(&table, "target images", id)?);
-                }
-                Ok(rows)
-            }
-        }
+        self.all_or_children(
+            TARGET_IMAGES,
+            "target images",
+            TARGET_IMAGES_BY_BUILD,
+            build,
+        )
     }
 
     pub fn provider_image(&self, id: Id) -> Result<Option<ProviderImage>> {
@@ -1063,20 +1046,33 @@ impl Reader {
 
     /// All provider images, or those of one target image, in creation order.
     pub fn provider_images(&self, target_image: Option<Id>) -> Result<Vec<ProviderImage>> {
-        let txn = &self.txn;
-        let table = txn.open_table(PROVIDER_IMAGES)?;
-        match target_image {
-            None => all(&table, "provider images"),
-            Some(ti) => {
-                let index = txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
-                let ids = children(&index, ti.as_u128())?;
-                let mut rows = Vec::with_capacity(ids.len());
-                for id in ids {
-                    rows.extend(get::<u128, ProviderImage>(&table, "provider images", id)?);
-                }
-                Ok(rows)
-            }
+        self.all_or_children(
+            PROVIDER_IMAGES,
+            "provider images",
+            PROVIDER_IMAGES_BY_TARGET_IMAGE,
+            target_image,
+        )
+    }
+
+    /// Every row of `table`, or, given a parent, the rows `index` lists under it, both in
+    /// creation order (ids are time-ordered).
+    fn all_or_children<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<u128, &'static [u8]>,
+        name: &'static str,
+        index: TableDefinition<(u128, u128), ()>,
+        parent: Option<Id>,
+    ) -> Result<Vec<T>> {
+        let rows = self.txn.open_table(table)?;
+        let Some(parent) = parent else {
+            return all(&rows, name);
+        };
+        let ids = children(&self.txn.open_table(index)?, parent.as_u128())?;
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(get::<u128, T>(&rows, name, id)?);
         }
+        Ok(found)
     }
 }
 
