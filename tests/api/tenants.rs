@@ -150,6 +150,9 @@ async fn a_user_of_one_environment_finds_nothing_of_another() {
     let s = &w.server;
     let before = snapshot(s).await;
     let (i, b, t, p, acc) = (&w.b_image, &w.b_build, &w.b_ti, &w.b_pi, &w.b_account);
+    // The administrator reads beta's image first, so the server keeps its document in
+    // memory: the refusals below must hold on that path too.
+    assert_eq!(s.get(&format!("/api/images/{i}")).await.status, 200);
     let push_b = format!(
         "<provider_image><provider_account>mock-acc</provider_account><image_id>{i}</image_id></provider_image>"
     );
