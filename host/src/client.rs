@@ -480,23 +480,15 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 esc(&environment),
                 parameters_xml(&parameters)
             );
-            let (_, text_body) = client
-                .send(
-                    Method::POST,
-                    "/images",
-                    Some(body),
-                    client.output != Output::Xml,
-                )
-                .await?;
-            let answer = client.parse(&text_body)?;
-            let mut targets = Vec::new();
-            linked_ids(&answer, "target_images", &mut targets);
-            let mut images = Vec::new();
-            linked_ids(&answer, "images", &mut images);
-            report_created(&client, &answer, &text_body, "image", &images)?;
-            if wait {
-                follow(&client, "target_images", &targets).await?;
-            }
+            create(
+                &client,
+                "/images",
+                body,
+                ("image", "images"),
+                "target_images",
+                wait,
+            )
+            .await?;
         }
         ImageCommand::Push {
             id,
@@ -516,21 +508,15 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 esc(&id),
                 parameters_xml(&parameters)
             );
-            let (_, text_body) = client
-                .send(
-                    Method::POST,
-                    "/provider_images",
-                    Some(body),
-                    client.output != Output::Xml,
-                )
-                .await?;
-            let answer = client.parse(&text_body)?;
-            let mut pushed = Vec::new();
-            linked_ids(&answer, "provider_images", &mut pushed);
-            report_created(&client, &answer, &text_body, "provider image", &pushed)?;
-            if wait {
-                follow(&client, "provider_images", &pushed).await?;
-            }
+            create(
+                &client,
+                "/provider_images",
+                body,
+                ("provider image", "provider_images"),
+                "provider_images",
+                wait,
+            )
+            .await?;
         }
         ImageCommand::List => {
             if let Some(value) = client.call(Method::GET, "/images", None).await? {
@@ -616,6 +602,37 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 show_table(&value);
             }
         }
+    }
+    Ok(())
+}
+
+/// POSTs a build or a push, prints what it made (the records of the kind `made` names,
+/// as (word, collection)), and with `wait` follows the records of collection `followed`
+/// the answer links to until each has finished.
+async fn create(
+    client: &Client,
+    path: &str,
+    body: String,
+    made: (&str, &str),
+    followed: &str,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let (_, text_body) = client
+        .send(
+            reqwest::Method::POST,
+            path,
+            Some(body),
+            client.output != Output::Xml,
+        )
+        .await?;
+    let answer = client.parse(&text_body)?;
+    let mut ids = Vec::new();
+    linked_ids(&answer, made.1, &mut ids);
+    report_created(client, &answer, &text_body, made.0, &ids)?;
+    if wait {
+        let mut following = Vec::new();
+        linked_ids(&answer, followed, &mut following);
+        follow(client, followed, &following).await?;
     }
     Ok(())
 }
