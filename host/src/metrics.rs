@@ -121,15 +121,12 @@ pub fn inc(name: &'static str, labels: &[(&str, &str)]) {
 
 /// Adds `delta` to a counter or gauge.
 pub fn add(name: &'static str, labels: &[(&str, &str)], delta: f64) {
-    let labels = render_labels(labels);
-    let mut registry = registry();
-    let values = registry.values.entry(name).or_default();
-    match values.get_mut(&labels) {
-        Some(value) => *value += delta,
-        None => {
-            values.insert(labels, delta);
-        }
-    }
+    *registry()
+        .values
+        .entry(name)
+        .or_default()
+        .entry(render_labels(labels))
+        .or_default() += delta;
 }
 
 /// Records one observation in a histogram.
