@@ -310,3 +310,19 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> Result<
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `conductor serve` with `args` on a fresh data directory; asserts it stopped
+/// without setting anything up, and answers what it said on stderr.
+pub fn refused_at_start(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .args(args)
+        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
+        .output()
+        .expect("run conductor");
+    assert!(!output.status.success());
+    assert!(!dir.path().join("data").exists(), "nothing was set up");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

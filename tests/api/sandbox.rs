@@ -3,7 +3,7 @@
 //! a user can read, while a mock build beside it completes and the API keeps answering;
 //! and a plugin reaches only the hosts its provider grants.
 
-use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, template};
+use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, refused_at_start, template};
 use std::time::{Duration, Instant};
 
 /// The hostile type's limits in most tests: little memory, a short deadline, and a fuel
@@ -384,22 +384,6 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
     assert!(refused.body.contains("does not grant"), "{}", refused.body);
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(server.get("/api").await.status, 200);
-}
-
-/// Runs `conductor serve` with `args` on a fresh data directory; asserts it stopped
-/// without setting anything up, and answers what it said on stderr.
-fn refused_at_start(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .args(args)
-        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
-        .output()
-        .expect("run conductor");
-    assert!(!output.status.success());
-    assert!(!dir.path().join("data").exists(), "nothing was set up");
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]

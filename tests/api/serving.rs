@@ -1,7 +1,7 @@
 //! How the server is run: TLS, settings from a config file under flags and environment
 //! variables, and a stop that lets requests in flight finish.
 
-use crate::harness::{PASSWORD, Server, build_request, template};
+use crate::harness::{PASSWORD, Server, build_request, refused_at_start, template};
 use std::time::Duration;
 
 /// A self-signed certificate for 127.0.0.1, written where `--tls-cert` and `--tls-key`
@@ -172,21 +172,10 @@ fn a_certificate_that_cannot_be_read_stops_the_server_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = dir.path().join("cert.pem");
     std::fs::write(&cert, "not a certificate").expect("write");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&cert)
-        .env("CONDUCTOR_ADMIN_PASSWORD", "x")
-        .output()
-        .expect("run conductor");
-    assert!(!output.status.success());
-    let said = String::from_utf8_lossy(&output.stderr);
+    let cert = cert.to_str().expect("utf-8");
+    // Nothing is set up: no data directory, no admin made.
+    let said = refused_at_start(&["--tls-cert", cert, "--tls-key", cert]);
     assert!(said.contains("cert.pem"), "{said}");
-    // Nothing was set up: no data directory, no admin made.
-    assert!(!dir.path().join("data").exists());
 }
 
 #[tokio::test]
