@@ -60,9 +60,11 @@ enum Command {
         /// limit beyond --workers.
         #[arg(long, env = "CONDUCTOR_MAX_PER_TARGET", default_value_t = 0)]
         max_per_target: usize,
-        /// How many jobs of one environment run at once; 0 for no limit beyond --workers.
-        #[arg(long, env = "CONDUCTOR_MAX_PER_ENVIRONMENT", default_value_t = 0)]
-        max_per_environment: usize,
+        /// How many jobs of one environment run at once (its fair share of the workers);
+        /// 0 for no limit beyond --workers. Unset, every worker but one, so another
+        /// environment's job always finds a worker. An environment's quota may set less.
+        #[arg(long, env = "CONDUCTOR_MAX_PER_ENVIRONMENT")]
+        max_per_environment: Option<usize>,
         /// Limits of one provider type's plugin calls, or of all with `*`; repeatable:
         /// TARGET:memory=64MiB,timeout=30s,fuel=1000000000 (any of the three). Entries in
         /// the environment variable are separated by ';'.
@@ -88,6 +90,21 @@ enum Command {
         /// The PEM private key of --tls-cert.
         #[arg(long, env = "CONDUCTOR_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Hosts and address ranges that base image downloads and webhooks may reach
+        /// although they are not public (loopback, private, link-local): host names,
+        /// addresses or CIDR ranges, comma-separated (`mirror.lan,10.1.0.0/16`).
+        #[arg(long, env = "CONDUCTOR_FETCH_ALLOW", value_delimiter = ',')]
+        fetch_allow: Vec<String>,
+        /// The largest image a build may make or start from: a template's disk size, a
+        /// base image's download and its virtual size (G, T, MiB, … as in TDL).
+        #[arg(long, env = "CONDUCTOR_MAX_IMAGE_SIZE", default_value = "128G", value_parser = parse_size)]
+        max_image_size: u64,
+        /// Seconds a base image download may take in all.
+        #[arg(long, env = "CONDUCTOR_FETCH_TIMEOUT", default_value_t = 3600)]
+        fetch_timeout: u64,
+        /// Seconds a download may go without receiving anything before it fails.
+        #[arg(long, env = "CONDUCTOR_FETCH_STALL", default_value_t = 60)]
+        fetch_stall: u64,
     },
     /// Build, push, list, show, import and delete images on a server.
     #[command(subcommand)]
@@ -115,9 +132,18 @@ const SETTINGS: &[(&str, &str)] = &[
     ("plugin_memory_reset", "CONDUCTOR_PLUGIN_MEMORY_RESET"),
     ("tls_cert", "CONDUCTOR_TLS_CERT"),
     ("tls_key", "CONDUCTOR_TLS_KEY"),
+    ("fetch_allow", "CONDUCTOR_FETCH_ALLOW"),
+    ("max_image_size", "CONDUCTOR_MAX_IMAGE_SIZE"),
+    ("fetch_timeout", "CONDUCTOR_FETCH_TIMEOUT"),
+    ("fetch_stall", "CONDUCTOR_FETCH_STALL"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];
+
+/// A size flag, written as a TDL disk size is (`128G`, `512MiB`).
+fn parse_size(raw: &str) -> Result<u64, String> {
+    conductor::model::tdl::parse_size(raw)
+}
 
 fn main() -> anyhow::Result<()> {
     apply_config_file()?;
@@ -210,7 +236,17 @@ async fn run() -> anyhow::Result<()> {
             plugin_memory_reset,
             tls_cert,
             tls_key,
+            fetch_allow,
+            max_image_size,
+            fetch_timeout,
+            fetch_stall,
         } => {
+            let mut fetch = conductor::fetch::FetchPolicy::default()
+                .allow(&fetch_allow)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            fetch.max_bytes = max_image_size;
+            fetch.deadline = std::time::Duration::from_secs(fetch_timeout);
+            fetch.stall = std::time::Duration::from_secs(fetch_stall.max(1));
             return conductor::server::serve(conductor::server::Config {
                 listen,
                 data,
@@ -221,12 +257,14 @@ async fn run() -> anyhow::Result<()> {
                 concurrency: conductor::jobs::Concurrency {
                     workers,
                     per_target: max_per_target,
-                    per_environment: max_per_environment,
+                    per_environment: max_per_environment
+                        .unwrap_or_else(|| conductor::jobs::Concurrency::fair_share(workers)),
                 },
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
                 plugin_limits,
                 plugin_memory_reset,
                 tls: tls_cert.zip(tls_key),
+                fetch,
             })
             .await;
         }

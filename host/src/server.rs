@@ -4,6 +4,7 @@
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::blobs::Blobs;
+use crate::fetch::FetchPolicy;
 use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
 use crate::plugins::{Limits, MemoryReset, PluginLimit, Plugins};
@@ -33,6 +34,9 @@ pub struct Config {
     pub admin_password: Option<String>,
     /// PEM certificate chain and private key: with both, the API is served over TLS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// What the server fetches for users (base images, webhooks) may reach, and how
+    /// large an image may be.
+    pub fetch: FetchPolicy,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -41,8 +45,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
+    // Everything the server writes is for its own user alone: images, the database and
+    // the credentials key are tenants' data. The data directory is closed too, so files
+    // an earlier release wrote with wider modes are out of reach as well.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating the data directory {}", config.data.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("closing the data directory {}", config.data.display()))?;
+    }
     let key = credential_key(&config)?;
     let store = Arc::new(
         Store::open(&config.data.join("conductor.redb"), &key)
@@ -74,12 +88,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let blobs = Arc::new(Blobs::open(&config.data).context("opening the blob store")?);
+    let fetch = Arc::new(config.fetch.clone());
     let jobs = Arc::new(Jobs::new(
         store.clone(),
         plugins.clone(),
         blobs,
         paths,
         config.import_dir.clone(),
+        fetch.clone(),
         config.concurrency,
     ));
     // Blobs of records deleted while the server was down, or of builds that finished
@@ -103,6 +119,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         jobs: jobs.clone(),
         external_url: config.external_url.clone(),
         import_dir: config.import_dir.clone(),
+        fetch,
         rendered: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(&config.listen)

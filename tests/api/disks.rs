@@ -82,6 +82,10 @@ fn setup() -> Setup {
             TEST_PLUGINS,
             "--import-dir",
             import.to_str().expect("utf-8"),
+            // The qcow2-by-URL test serves its image from 127.0.0.1, which only an
+            // operator's allow list opens to base image downloads.
+            "--fetch-allow",
+            "127.0.0.1",
         ],
     );
     Setup {
@@ -323,7 +327,7 @@ async fn base_images_outside_the_import_directory_are_refused() {
         .await;
     let message = reply.assert_error(400, "ParameterDataIncorrect");
     assert!(
-        message.contains("outside the import directory"),
+        message.contains("is not a file in the import directory"),
         "{message}"
     );
     let reply = s

@@ -77,12 +77,45 @@ impl Server {
         Server::spawn(data, args, PASSWORD, Some(log))
     }
 
+    /// Starts a server that may write no file larger than `max_file` bytes (as on a file
+    /// system that refuses a size), with SIGXFSZ ignored so such a write fails instead of
+    /// killing it.
+    pub fn start_limited(data: &Path, args: &[&str], max_file: u64) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conductor"));
+        // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: max_file,
+                    rlim_max: max_file,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Server::spawn_command(command, data, args, PASSWORD, None)
+    }
+
     fn spawn(data: &Path, args: &[&str], password: &str, log: Option<&Path>) -> Server {
+        let command = Command::new(env!("CARGO_BIN_EXE_conductor"));
+        Server::spawn_command(command, data, args, password, log)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        data: &Path,
+        args: &[&str],
+        password: &str,
+        log: Option<&Path>,
+    ) -> Server {
         let stderr = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log file")),
             None => Stdio::inherit(),
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(args)

@@ -294,7 +294,12 @@ async fn a_plugin_added_to_the_folder_is_loaded_on_a_rescan() {
 async fn a_webhook_receives_every_status_of_a_build_in_order() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path());
+    // The receiver listens on 127.0.0.1, which hooks reach only when the operator
+    // allows it.
+    let server = Server::start_with(
+        dir.path(),
+        &["--plugins", TEST_PLUGINS, "--fetch-allow", "127.0.0.1"],
+    );
     // A receiver that records each POSTed document's <status>.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

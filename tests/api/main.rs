@@ -9,6 +9,7 @@ mod ec2;
 mod errors;
 mod harness;
 mod hostile_input;
+mod hostile_tenants;
 mod jobs;
 mod openstack;
 mod providers;

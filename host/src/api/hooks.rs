@@ -24,6 +24,8 @@ const QUEUE: usize = 1024;
 /// Tries per delivery, with the pause doubling from the first.
 const TRIES: u32 = 4;
 const FIRST_PAUSE: Duration = Duration::from_millis(250);
+/// One delivery, connection and answer included.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn write_hook(doc: &mut Doc, base: &str, hook: &Hook) {
     let id = hook.id.to_string();
@@ -50,7 +52,16 @@ fn forbidden() -> Response {
     .into_response()
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+/// Hooks are the server's own outgoing requests and their URLs may carry secrets, so
+/// only global administrators see them.
+pub async fn list(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    headers: HeaderMap,
+) -> ApiResult {
+    if !user.0.admin {
+        return Ok(forbidden());
+    }
     let base = super::base(&state, &headers);
     let hooks = blocking(&state, |store| store.hooks()).await?;
     let mut doc = Doc::new();
@@ -64,9 +75,13 @@ pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult 
 
 pub async fn show(
     State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
+    if !user.0.admin {
+        return Ok(forbidden());
+    }
     let base = super::base(&state, &headers);
     let hooks = blocking(&state, |store| store.hooks()).await?;
     match hooks.iter().find(|h| h.id.to_string() == id) {
@@ -151,6 +166,15 @@ pub async fn create(
     {
         return Ok(empty(StatusCode::BAD_REQUEST));
     }
+    // A hook to an internal address would make the server post documents there; it
+    // takes an operator's --fetch-allow. (Names are checked again at every delivery,
+    // after they are resolved.)
+    if let Err(refused) = state.fetch.check(&uri) {
+        return Err(super::ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Hook {uri}: {refused}"),
+        ));
+    }
     let hook = blocking(&state, move |store| store.create_hook(&uri)).await?;
     let base = super::base(&state, &headers);
     let mut doc = Doc::new();
@@ -186,10 +210,15 @@ pub async fn delete(
 pub fn spawn_dispatcher(state: Shared, base: String) {
     let mut changes = state.jobs.subscribe();
     tokio::spawn(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
+        // Deliveries go through the same guard as base image downloads: a hook whose
+        // name resolves to an internal address is refused at each delivery.
+        let client = match state.fetch.client() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!("webhooks are off: {e}");
+                return;
+            }
+        };
         let mut queues: HashMap<u64, tokio::sync::mpsc::Sender<(&'static str, String)>> =
             HashMap::new();
         loop {
@@ -246,6 +275,7 @@ async fn deliver(
         for attempt in 1..=TRIES {
             let sent = client
                 .post(&uri)
+                .timeout(DELIVERY_TIMEOUT)
                 .header("Content-Type", "application/xml; charset=utf-8")
                 .header("X-Conductor-Event", event)
                 .body(body.clone())

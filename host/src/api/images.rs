@@ -12,7 +12,7 @@ use crate::plugins::PluginError;
 use crate::store::Removed;
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 
 pub(super) fn write_image(doc: &mut Doc, base: &str, image: &Image, env: &str, builds: &[Build]) {
@@ -47,11 +47,58 @@ fn image_not_found(id: &str) -> ApiError {
     ApiError::not_found("ImageNotFound", format!("Could not find Image {id}"))
 }
 
+/// `?page=N&per_page=M` (pages from 1; 100 a page unless said, 1,000 at most). A
+/// client that names no page gets every image, as Conductor's clients expect; the total
+/// is in `X-Total-Count` either way.
+#[derive(Debug, Default)]
+pub struct Page {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+const PER_PAGE: usize = 100;
+const MAX_PER_PAGE: usize = 1000;
+
+impl Page {
+    /// Reads `page` and `per_page` from a query string; other parameters are ignored,
+    /// as they always were.
+    fn parse(query: Option<&str>) -> ApiResult<Page> {
+        let mut page = Page::default();
+        for pair in query.unwrap_or("").split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match key {
+                "page" => &mut page.page,
+                "per_page" => &mut page.per_page,
+                _ => continue,
+            };
+            *slot = Some(value.parse().map_err(|_| {
+                ApiError::bad_request(
+                    "ParameterDataIncorrect",
+                    format!("{key} must be a whole number, not '{value}'"),
+                )
+            })?);
+        }
+        Ok(page)
+    }
+
+    /// The rows of this page out of `total`.
+    fn range(&self, total: usize) -> std::ops::Range<usize> {
+        if self.page.is_none() && self.per_page.is_none() {
+            return 0..total;
+        }
+        let per_page = self.per_page.unwrap_or(PER_PAGE).clamp(1, MAX_PER_PAGE);
+        let page = self.page.unwrap_or(1).max(1);
+        let start = (page - 1).saturating_mul(per_page).min(total);
+        start..start.saturating_add(per_page).min(total)
+    }
+}
+
 async fn render_list(
     state: &Shared,
     headers: &HeaderMap,
     user: &CurrentUser,
     env: Option<String>,
+    page: Page,
 ) -> ApiResult {
     let base = base(state, headers);
     let user = user.clone();
@@ -81,14 +128,20 @@ async fn render_list(
         Ok(rows)
     })
     .await?;
+    let total = rows.len();
+    let rows = &rows[page.range(total)];
     // An image with a build or two takes about 450 bytes.
     let mut doc = Doc::with_capacity(64 + rows.len() * 512);
     doc.open("images", &[]);
-    for (image, env, builds) in &rows {
+    for (image, env, builds) in rows {
         write_image(&mut doc, &base, image, env, builds);
     }
     doc.close("images");
-    Ok(xml_ok(doc.finish()))
+    let mut response = xml_ok(doc.finish());
+    response
+        .headers_mut()
+        .insert("x-total-count", axum::http::HeaderValue::from(total));
+    Ok(response)
 }
 
 fn env_name(environments: &[Environment], id: u64) -> String {
@@ -102,18 +155,22 @@ fn env_name(environments: &[Environment], id: u64) -> String {
 pub async fn list(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
-    render_list(&state, &headers, &user, None).await
+    let page = Page::parse(query.as_deref())?;
+    render_list(&state, &headers, &user, None, page).await
 }
 
 pub async fn list_in_environment(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
     Path(env): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
-    render_list(&state, &headers, &user, Some(env)).await
+    let page = Page::parse(query.as_deref())?;
+    render_list(&state, &headers, &user, Some(env), page).await
 }
 
 async fn render_one(
@@ -374,6 +431,13 @@ pub async fn delete_in_environment(
     delete_one(&state, &headers, &user, id, Some(env)).await
 }
 
+/// The longest template a build takes: Oz's templates are a few KiB, with files inline
+/// a few hundred at most.
+const MAX_TEMPLATE: usize = 256 << 10;
+/// The longest image name and description, which every image list carries.
+const MAX_NAME: usize = 255;
+const MAX_DESCRIPTION: usize = 4096;
+
 fn insufficient(message: &str) -> ApiError {
     ApiError::bad_request("InsufficientParametersSupplied", message)
 }
@@ -559,6 +623,12 @@ async fn import(
         return Err(insufficient("No target identifier given"));
     }
     let name = descriptor_name(descriptor)?;
+    if name.chars().count() > MAX_NAME {
+        return Err(ApiError::bad_request(
+            "ParameterDataIncorrect",
+            format!("Invalid image descriptor: the name is longer than {MAX_NAME} characters"),
+        ));
+    }
     let provider = providers
         .into_iter()
         .find(|p| p.id == account.provider_id)
@@ -573,6 +643,29 @@ async fn import(
             .map_err(ApiError::internal)?
     };
     let details = found.map_err(|e| lookup_failed(&identifier, &label, e))?;
+    // An image another environment pushed or imported stays theirs: importing it here
+    // would let this environment delete it on the provider.
+    let holders = {
+        let (provider_id, names) = (
+            provider.id,
+            [identifier.clone(), details.target_identifier.clone()],
+        );
+        blocking(state, move |store| {
+            let mut holders = store.environments_holding(provider_id, &names[0])?;
+            holders.extend(store.environments_holding(provider_id, &names[1])?);
+            Ok(holders)
+        })
+        .await?
+    };
+    if holders.iter().any(|env| *env != environment.id) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "ParameterDataIncorrect",
+            format!(
+                "Image {identifier} on this Provider belongs to another environment and cannot be imported here"
+            ),
+        ));
+    }
 
     let complete = || Progress {
         status: crate::model::Status::Complete,
@@ -681,7 +774,26 @@ async fn build(
         .child("tdl")
         .ok_or_else(|| insufficient("Please specify a type, build or import"))?;
     let template_xml = template_text(tdl)?;
+    // The parser has bounds of its own (size, depth, nodes), so a hostile template is
+    // refused for what it is before the stricter caps below.
     let template = model::tdl::parse(&template_xml).map_err(invalid_template)?;
+    // Every image keeps its template, and lists carry each name and description: caps
+    // keep a tenant's images from filling the database and every list.
+    if template_xml.len() > MAX_TEMPLATE {
+        return Err(invalid_template(format!(
+            "the template is longer than the {MAX_TEMPLATE} bytes this server accepts"
+        )));
+    }
+    if template.name.chars().count() > MAX_NAME {
+        return Err(invalid_template(format!(
+            "name is longer than {MAX_NAME} characters"
+        )));
+    }
+    if template.description.chars().count() > MAX_DESCRIPTION {
+        return Err(invalid_template(format!(
+            "description is longer than {MAX_DESCRIPTION} characters"
+        )));
+    }
     let env_name = request
         .child_text("environment")
         .filter(|e| !e.is_empty())
@@ -697,15 +809,6 @@ async fn build(
         ));
     }
     let parameters = parameters(request)?;
-    let base_image = request
-        .child_text("base_image")
-        .filter(|u| !u.is_empty())
-        .map(|url| -> ApiResult<BaseImage> {
-            crate::blobs::check_base_url(&url, state.import_dir.as_deref())
-                .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
-            Ok(BaseImage { url, sha256: None })
-        })
-        .transpose()?;
 
     let plugins = state.plugins.clone();
     let (environment, accounts, providers) = {
@@ -726,6 +829,29 @@ async fn build(
         )
     })?;
     user.require(environment.id, Action::ManageImages)?;
+    // Only now, for a user who may build here, is anything said about a URL or a path.
+    let base_image = request
+        .child_text("base_image")
+        .filter(|u| !u.is_empty())
+        .map(|url| -> ApiResult<BaseImage> {
+            let source = crate::blobs::BaseSource {
+                import_dir: state.import_dir.as_deref(),
+                policy: &state.fetch,
+            };
+            crate::blobs::check_base_url(&url, &source)
+                .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
+            Ok(BaseImage { url, sha256: None })
+        })
+        .transpose()?;
+    // With a base image the disk is the base image's size, held to the same limit when
+    // it is fetched.
+    let max = state.fetch.max_bytes;
+    if base_image.is_none() && template.disk_size > max {
+        return Err(invalid_template(format!(
+            "disk/size is {} bytes, more than the {max} bytes this server allows for an image",
+            template.disk_size
+        )));
+    }
     if targets.is_empty() {
         return Err(ApiError::bad_request(
             "ParameterDataIncorrect",

@@ -12,6 +12,7 @@ mod images;
 pub mod json;
 mod provider_images;
 mod providers;
+mod quotas;
 pub mod rendered;
 mod target_images;
 mod users;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub external_url: Option<String>,
     /// Where `file://` base images may be read from.
     pub import_dir: Option<std::path::PathBuf>,
+    /// What the server may fetch for users, and the largest image a build may make.
+    pub fetch: Arc<crate::fetch::FetchPolicy>,
     /// Documents answered from memory until the store's next write.
     pub rendered: rendered::Rendered,
 }
@@ -109,7 +112,39 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            StoreError::Quota(exceeded) => ApiError::quota(&exceeded),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl ApiError {
+    /// A request over its environment's quota: 429 for jobs (they finish, and then there
+    /// is room again), 413 for what stays (images, stored bytes) until something is
+    /// deleted or the quota raised.
+    pub fn quota(exceeded: &crate::model::QuotaExceeded) -> ApiError {
+        let status = if exceeded.what == "queued jobs" {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::PAYLOAD_TOO_LARGE
+        };
+        let crate::model::QuotaExceeded {
+            what,
+            limit,
+            wanted,
+            ..
+        } = exceeded;
+        let message = if *what == "stored bytes" {
+            format!(
+                "The environment's images take {wanted} bytes, and its quota allows {limit}: delete images or ask an administrator to raise the quota"
+            )
+        } else {
+            format!(
+                "The environment's quota allows {limit} {what}; this request would make {wanted}"
+            )
+        };
+        ApiError::new(status, "QuotaExceeded", message)
     }
 }
 
@@ -316,6 +351,10 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/api/environments", get(environments::list))
         .route("/api/environments/{id}", get(environments::show))
+        .route(
+            "/api/environments/{id}/quota",
+            get(quotas::show).put(quotas::update),
+        )
         .route(
             "/api/environments/{env}/images",
             get(images::list_in_environment).post(images::create),

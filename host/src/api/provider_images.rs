@@ -397,7 +397,10 @@ pub async fn create(
         .collect();
     {
         let (pis, jobs) = (provider_images.clone(), jobs.clone());
-        blocking(&state, move |store| store.create_push(&pis, &jobs)).await?;
+        blocking(&state, move |store| {
+            store.create_push(environment, &pis, &jobs)
+        })
+        .await?;
     }
     // NEW is announced before the jobs start, so listeners see it first.
     for pi in &provider_images {

@@ -15,7 +15,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use crate::fetch::{FetchError, FetchPolicy};
 
 /// Reads and hashes are done in chunks of this size.
 const CHUNK: usize = 4 << 20;
@@ -39,6 +41,8 @@ impl Blobs {
     pub fn open(data: &Path) -> io::Result<Blobs> {
         let root = data.join("blobs");
         std::fs::create_dir_all(&root)?;
+        // Image bodies are the tenants' data: nobody but the server's user reads them.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         Ok(Blobs {
             root,
             gate: RwLock::new(()),
@@ -56,12 +60,13 @@ impl Blobs {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Moves a finished, synced file into the store under its SHA-256 and returns the
-    /// blob. If the same content is already stored, the file is removed instead: bodies
-    /// are stored once. Call with [`Blobs::hold`] held until the record is written.
-    pub fn ingest(&self, file: &Path) -> io::Result<Blob> {
-        let (sha256, size) = hash_file(file)?;
-        let target = self.path(&sha256);
+    /// Moves a finished, synced file into the store as `blob` (its hash, from
+    /// [`hash_file`], taken before: hashing is as long as the image is large, so it is
+    /// never done under [`Blobs::hold`]). If the same content is already stored, the
+    /// file is removed instead: bodies are stored once. Call with [`Blobs::hold`] held
+    /// until the record is written.
+    pub fn ingest(&self, file: &Path, blob: &Blob) -> io::Result<()> {
+        let target = self.path(&blob.sha256);
         if target.exists() {
             std::fs::remove_file(file)?;
         } else {
@@ -69,7 +74,7 @@ impl Blobs {
             // The rename is only durable once the directory is.
             File::open(&self.root)?.sync_all()?;
         }
-        Ok(Blob { sha256, size })
+        Ok(())
     }
 
     /// Removes every blob not in `referenced`; returns how many were removed.
@@ -126,7 +131,9 @@ pub fn allocated_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> 
 }
 
 /// SHA-256 and length of a file. Holes are hashed from a zero buffer rather than read.
-pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+/// Stops with [`io::ErrorKind::Interrupted`] when `should_stop` says so, which it is
+/// asked between chunks, so a cancel ends the hashing of a large image.
+pub fn hash_file(path: &Path, should_stop: &dyn Fn() -> bool) -> io::Result<(String, u64)> {
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
     let extents = allocated_extents(&file, size)?;
@@ -134,18 +141,26 @@ pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     let mut buffer = vec![0u8; CHUNK];
     let mut hasher = Sha256::new();
     let mut position = 0u64;
+    let stopped = || io::Error::new(io::ErrorKind::Interrupted, "stopped");
     let hash_zeros = |hasher: &mut Sha256, mut n: u64| {
         while n > 0 {
+            if should_stop() {
+                return Err(stopped());
+            }
             let take = n.min(CHUNK as u64) as usize;
             hasher.update(&zeros[..take]);
             n -= take as u64;
         }
+        Ok(())
     };
     for (offset, length) in extents {
-        hash_zeros(&mut hasher, offset - position);
+        hash_zeros(&mut hasher, offset - position)?;
         std::io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
         let mut left = length;
         while left > 0 {
+            if should_stop() {
+                return Err(stopped());
+            }
             let take = left.min(CHUNK as u64) as usize;
             file.read_exact(&mut buffer[..take])?;
             hasher.update(&buffer[..take]);
@@ -153,7 +168,7 @@ pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
         }
         position = offset + length;
     }
-    hash_zeros(&mut hasher, size - position);
+    hash_zeros(&mut hasher, size - position)?;
     Ok((hex(&hasher.finalize()), size))
 }
 
@@ -161,14 +176,27 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where a base image may come from and how large it may be.
+pub struct BaseSource<'a> {
+    /// Where `file://` base images may be read from; none when unset.
+    pub import_dir: Option<&'a Path>,
+    /// The guard on http(s) fetches, whose `max_bytes` also bounds a base image's
+    /// virtual size.
+    pub policy: &'a Arc<FetchPolicy>,
+}
+
 /// Checks a base image URL when the build is requested, so a bad one is refused at
-/// once: `file://` paths must lie inside the import directory, other schemes must be
-/// http or https.
-pub fn check_base_url(url: &str, import_dir: Option<&Path>) -> Result<(), String> {
+/// once: `file://` paths must lie inside the import directory, other URLs must be http
+/// or https to a host the fetch policy does not refuse on sight.
+pub fn check_base_url(url: &str, source: &BaseSource) -> Result<(), String> {
     if let Some(path) = url.strip_prefix("file://") {
-        local_path(path, import_dir).map(|_| ())
+        local_path(path, source.import_dir).map(|_| ())
     } else if url.starts_with("http://") || url.starts_with("https://") {
-        Ok(())
+        source
+            .policy
+            .check(url)
+            .map(drop)
+            .map_err(|e| format!("base image {url}: {e}"))
     } else {
         Err(format!(
             "base image {url}: only file:// (inside the import directory), http:// and https:// URLs are accepted"
@@ -176,66 +204,110 @@ pub fn check_base_url(url: &str, import_dir: Option<&Path>) -> Result<(), String
     }
 }
 
+/// The file a `file://` URL names, when it is inside the import directory. Messages
+/// name neither the import directory nor whether anything lies outside it.
 fn local_path(path: &str, import_dir: Option<&Path>) -> Result<PathBuf, String> {
     let Some(dir) = import_dir else {
         return Err(
             "base images from file:// URLs need the server's --import-dir to be set".into(),
         );
     };
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| format!("the import directory {}: {e}", dir.display()))?;
-    let file = Path::new(path)
-        .canonicalize()
-        .map_err(|e| format!("base image {path}: {e}"))?;
-    if !file.starts_with(&dir) {
-        return Err(format!(
-            "base image {path} is outside the import directory {}",
-            dir.display()
-        ));
+    let outside = || format!("base image {path} is not a file in the import directory");
+    let dir = dir.canonicalize().map_err(|e| {
+        tracing::error!(dir = %dir.display(), "the import directory cannot be read: {e}");
+        "the server's import directory cannot be read".to_owned()
+    })?;
+    let file = Path::new(path).canonicalize().map_err(|_| outside())?;
+    if !file.starts_with(&dir) || !file.is_file() {
+        return Err(outside());
     }
     Ok(file)
 }
 
+/// Why a base image could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    #[error("fetching the base image {url}: {error}")]
+    Fetch { url: String, error: FetchError },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl BaseError {
+    /// Whether another attempt could succeed (a network failure).
+    pub fn is_passing(&self) -> bool {
+        matches!(self, BaseError::Fetch { error, .. } if error.is_passing())
+    }
+}
+
 /// Fetches the base image at `url` into `dest` as a sparse raw disk. `progress(done,
 /// total)` follows the download. Returns the SHA-256 of the bytes fetched (the image as
-/// given, before any conversion) and the disk's size.
+/// given, before any conversion) and the disk's size, which is at most the policy's
+/// `max_bytes`.
 pub fn fetch_base(
     url: &str,
-    import_dir: Option<&Path>,
+    source: &BaseSource,
     dest: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<(String, u64), String> {
+    should_stop: &(dyn Fn() -> bool + Sync),
+) -> Result<(String, u64), BaseError> {
+    let max = source.policy.max_bytes;
     let fetched = dest.with_extension("fetched");
     let sha256 = if let Some(path) = url.strip_prefix("file://") {
-        let source = local_path(path, import_dir)?;
-        let (sha256, _) = hash_file(&source).map_err(|e| format!("reading {path}: {e}"))?;
-        copy_sparse(&source, &fetched).map_err(|e| format!("copying {path}: {e}"))?;
+        let source = local_path(path, source.import_dir).map_err(BaseError::Invalid)?;
+        let size = std::fs::metadata(&source)
+            .map_err(|e| BaseError::Invalid(format!("reading {path}: {e}")))?
+            .len();
+        if size > max {
+            return Err(BaseError::Invalid(format!(
+                "base image {path} is larger than the {max} bytes this server allows"
+            )));
+        }
+        let (sha256, _) = hash_file(&source, should_stop)
+            .map_err(|e| stopped_or(e, |e| format!("reading {path}: {e}")))?;
+        copy_sparse(&source, &fetched)
+            .map_err(|e| BaseError::Invalid(format!("copying {path}: {e}")))?;
         sha256
     } else {
-        download(url, &fetched, progress)?
+        download(url, source.policy, &fetched, progress, should_stop)?
     };
-    let size = to_raw(&fetched, dest)?;
+    let size = to_raw(&fetched, dest, max, should_stop)?;
     let _ = std::fs::remove_file(&fetched);
     Ok((sha256, size))
 }
 
+fn stopped_or(e: io::Error, describe: impl FnOnce(io::Error) -> String) -> BaseError {
+    if e.kind() == io::ErrorKind::Interrupted {
+        BaseError::Stopped
+    } else {
+        BaseError::Invalid(describe(e))
+    }
+}
+
 /// Turns a fetched image into a raw disk at `dest`: qcow2 is converted, anything else is
-/// taken as raw.
-fn to_raw(fetched: &Path, dest: &Path) -> Result<u64, String> {
+/// taken as raw. The disk may be at most `max` bytes.
+fn to_raw(
+    fetched: &Path,
+    dest: &Path,
+    max: u64,
+    should_stop: &(dyn Fn() -> bool + Sync),
+) -> Result<u64, BaseError> {
     let mut magic = [0u8; 4];
     let is_qcow2 = File::open(fetched)
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
         && magic == qcow2::MAGIC;
     if is_qcow2 {
-        qcow2::convert_to_raw(fetched, dest)
-            .map_err(|e| format!("reading the qcow2 base image: {e}"))
+        qcow2::convert_to_raw(fetched, dest, max, should_stop)
+            .map_err(|e| stopped_or(e, |e| format!("reading the qcow2 base image: {e}")))
     } else {
-        std::fs::rename(fetched, dest).map_err(|e| format!("storing the base image: {e}"))?;
+        std::fs::rename(fetched, dest)
+            .map_err(|e| BaseError::Invalid(format!("storing the base image: {e}")))?;
         std::fs::metadata(dest)
             .map(|m| m.len())
-            .map_err(|e| e.to_string())
+            .map_err(|e| BaseError::Invalid(e.to_string()))
     }
 }
 
@@ -259,43 +331,44 @@ fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Downloads `url` to `to`, hashing as it goes.
+/// Downloads `url` to `to` through the guarded client, hashing as it goes.
 fn download(
     url: &str,
+    policy: &Arc<FetchPolicy>,
     to: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<String, String> {
+    should_stop: &(dyn Fn() -> bool + Sync),
+) -> Result<String, BaseError> {
+    let failed = |error: FetchError| match error {
+        FetchError::Stopped => BaseError::Stopped,
+        error => BaseError::Fetch {
+            url: url.to_owned(),
+            error,
+        },
+    };
+    // Jobs run on the blocking pool; the transfer gets a small runtime of its own, and
+    // the client is made on it, so its connections live and die with it.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let mut response = reqwest::get(url)
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("fetching the base image {url}: {e}"))?;
-        let total = response.content_length();
-        let mut file = File::create(to).map_err(|e| e.to_string())?;
-        let mut hasher = Sha256::new();
-        let mut done = 0u64;
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| format!("fetching the base image {url}: {e}"))?
-        {
-            hasher.update(&chunk);
-            file.write_all(&chunk).map_err(|e| e.to_string())?;
-            done += chunk.len() as u64;
-            progress(done, total);
-        }
-        if total.is_some_and(|t| t != done) {
-            return Err(format!(
-                "fetching the base image {url}: the download ended early"
-            ));
-        }
-        file.sync_all().map_err(|e| e.to_string())?;
-        Ok(hex(&hasher.finalize()))
-    })
+        .map_err(|e| failed(FetchError::Failed(e.to_string())))?;
+    let mut file = File::create(to).map_err(|e| failed(FetchError::Failed(e.to_string())))?;
+    let mut hasher = Sha256::new();
+    runtime
+        .block_on(crate::fetch::fetch(
+            policy,
+            url,
+            &mut |chunk| {
+                hasher.update(chunk);
+                file.write_all(chunk)
+            },
+            progress,
+            should_stop,
+        ))
+        .map_err(failed)?;
+    file.sync_all()
+        .map_err(|e| failed(FetchError::Failed(format!("storing what was fetched: {e}"))))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -312,15 +385,20 @@ mod tests {
         let mut all = vec![0u8; 3 << 20];
         all[1 << 20..(1 << 20) + 3].copy_from_slice(b"abc");
         let expected = hex(&Sha256::digest(&all));
-        assert_eq!(hash_file(&path)?, (expected.clone(), 3 << 20));
+        assert_eq!(hash_file(&path, &|| false)?, (expected.clone(), 3 << 20));
+        let stopped = hash_file(&path, &|| true).map(drop);
+        assert!(stopped.is_err_and(|e| e.kind() == io::ErrorKind::Interrupted));
 
         let blobs = Blobs::open(dir.path())?;
-        let blob = blobs.ingest(&path)?;
-        assert_eq!(blob.sha256, expected);
+        let blob = Blob {
+            sha256: expected.clone(),
+            size: 3 << 20,
+        };
+        blobs.ingest(&path, &blob)?;
         assert!(blobs.path(&expected).exists() && !path.exists());
         // The same content again is stored once.
         std::fs::copy(blobs.path(&expected), &path)?;
-        assert_eq!(blobs.ingest(&path)?.sha256, expected);
+        blobs.ingest(&path, &blob)?;
         assert!(!path.exists());
         assert_eq!(blobs.collect(&HashSet::from([expected.clone()]))?, 0);
         assert_eq!(blobs.collect(&HashSet::new())?, 1);
@@ -334,11 +412,31 @@ mod tests {
         let inside = dir.path().join("ok.raw");
         File::create(&inside)?;
         let url = format!("file://{}", inside.display());
-        assert!(check_base_url(&url, Some(dir.path())).is_ok());
-        assert!(check_base_url(&url, None).is_err());
+        let policy = Arc::new(FetchPolicy::default());
+        let source = |import_dir| BaseSource {
+            import_dir,
+            policy: &policy,
+        };
+        assert!(check_base_url(&url, &source(Some(dir.path()))).is_ok());
+        assert!(check_base_url(&url, &source(None)).is_err());
         let escape = format!("file://{}/../etc/passwd", dir.path().display());
-        assert!(check_base_url(&escape, Some(dir.path())).is_err());
-        assert!(check_base_url("ftp://x/y", Some(dir.path())).is_err());
+        assert!(check_base_url(&escape, &source(Some(dir.path()))).is_err());
+        // A missing file and one outside get the same answer, which names no directory.
+        let missing = format!("{}/missing.raw", dir.path().display());
+        let answers: Vec<String> = [missing.as_str(), "/etc/passwd"]
+            .iter()
+            .map(|path| {
+                check_base_url(&format!("file://{path}"), &source(Some(dir.path())))
+                    .err()
+                    .unwrap_or_default()
+                    .replace(path, "PATH")
+            })
+            .collect();
+        assert_eq!(answers[0], answers[1]);
+        assert!(answers[0].contains("not a file in the import directory"));
+        assert!(check_base_url("ftp://x/y", &source(Some(dir.path()))).is_err());
+        assert!(check_base_url("http://127.0.0.1:1/x", &source(None)).is_err());
+        assert!(check_base_url("https://example.com/x", &source(None)).is_ok());
         Ok(())
     }
 }

@@ -33,8 +33,16 @@ const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
 
 /// Writes the guest view of the qcow2 image at `from` as a sparse raw file at `to`;
-/// returns the virtual size.
-pub fn convert_to_raw(from: &Path, to: &Path) -> io::Result<u64> {
+/// returns the virtual size. A virtual size over `max`, or a host cluster that two
+/// guest clusters share (how a file of kilobytes claims gigabytes of data; images made
+/// by qemu-img share none, snapshots aside, which are not read here), is refused.
+/// Stops with [`io::ErrorKind::Interrupted`] when `should_stop` says so.
+pub fn convert_to_raw(
+    from: &Path,
+    to: &Path,
+    max: u64,
+    should_stop: &dyn Fn() -> bool,
+) -> io::Result<u64> {
     let input = File::open(from)?;
     let file_size = input.metadata()?.len();
     let mut header = [0u8; 112];
@@ -56,6 +64,11 @@ pub fn convert_to_raw(from: &Path, to: &Path) -> io::Result<u64> {
         )));
     }
     let size = be64(&header, 24);
+    if size > max {
+        return Err(invalid(format!(
+            "its virtual size of {size} bytes is larger than the {max} bytes this server allows"
+        )));
+    }
     if be32(&header, 32) != 0 {
         return Err(invalid("encrypted images are not supported"));
     }
@@ -85,11 +98,26 @@ pub fn convert_to_raw(from: &Path, to: &Path) -> io::Result<u64> {
     let mut l2 = vec![0u8; cluster as usize];
     let mut data = vec![0u8; cluster as usize];
     let mut compressed = Vec::new();
+    // Host offsets already read, of L2 tables and data clusters alike.
+    let mut used = std::collections::HashSet::new();
+    let mut claim = |offset: u64| {
+        if used.insert(offset) {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "the host cluster at {offset} is mapped more than once (a compression bomb is refused)"
+            )))
+        }
+    };
     for i in 0..l1_size {
         let l2_offset = be64(&l1, (i * 8) as usize) & OFFSET_MASK;
         if l2_offset == 0 {
             continue;
         }
+        if should_stop() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"));
+        }
+        claim(l2_offset)?;
         input.read_exact_at(&mut l2, l2_offset)?;
         for j in 0..l2_entries {
             let guest = (i * l2_entries + j) * cluster;
@@ -104,6 +132,7 @@ pub fn convert_to_raw(from: &Path, to: &Path) -> io::Result<u64> {
                 let x = 62 - (cluster_bits - 8);
                 let offset = entry & ((1u64 << x) - 1);
                 let sectors = ((entry >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
+                claim(offset)?;
                 let stored = (sectors * 512 - (offset & 511)).min(file_size.saturating_sub(offset));
                 compressed.resize(stored as usize, 0);
                 input.read_exact_at(&mut compressed, offset)?;
@@ -119,6 +148,7 @@ pub fn convert_to_raw(from: &Path, to: &Path) -> io::Result<u64> {
                 if host == 0 || entry & ZERO != 0 {
                     continue;
                 }
+                claim(host)?;
                 input.read_exact_at(&mut data[..length], host)?;
             }
             if data[..length].iter().any(|&b| b != 0) {

@@ -5,7 +5,8 @@
 //! Never imports axum. Plugin calls block for as long as the plugin works, so they run
 //! on the blocking pool; the async side only waits for a permit.
 
-use crate::blobs::{self, Blobs};
+use crate::blobs::{self, BaseError, Blobs};
+use crate::fetch::FetchPolicy;
 use crate::model::{
     self, Account, Disk, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
 };
@@ -78,13 +79,81 @@ impl Paths {
 }
 
 /// How many jobs run at once: in all, per target (image builds are heavy; Image
-/// Factory serialised them for the same reason) and per environment (so one team cannot
-/// take every worker). Zero means no limit for the last two.
+/// Factory serialised them for the same reason) and per environment (the fair share, so
+/// one team cannot take every worker). Zero means no limit for the last two.
 #[derive(Debug, Clone, Copy)]
 pub struct Concurrency {
     pub workers: usize,
     pub per_target: usize,
     pub per_environment: usize,
+}
+
+impl Concurrency {
+    /// The fair share when none is set: every worker but one, so that however many jobs
+    /// one environment queues, another environment's job finds a worker free.
+    pub fn fair_share(workers: usize) -> usize {
+        workers.saturating_sub(1).max(1)
+    }
+}
+
+/// What limits a job: its target, its environment and that environment's quota.
+struct Scope {
+    target: Option<String>,
+    environment: Option<u64>,
+    quota: Option<u64>,
+}
+
+/// Counts of running jobs per scope (`target/build/mock`, `environment/3`), with the
+/// limit given by each job as it enters, so that a limit changed while jobs run (a
+/// quota) applies to the next job without rebuilding anything.
+#[derive(Default)]
+struct Gates {
+    running: Mutex<HashMap<String, usize>>,
+    /// Woken whenever a job leaves a scope.
+    left: tokio::sync::Notify,
+}
+
+/// A job's place in one scope, given back when dropped.
+struct Pass {
+    gates: Arc<Gates>,
+    key: String,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        if let Some(count) = lock(&self.gates.running).get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+        }
+        self.gates.left.notify_waiters();
+    }
+}
+
+impl Gates {
+    fn try_enter(self: &Arc<Self>, key: &str, limit: usize) -> Option<Pass> {
+        let mut running = lock(&self.running);
+        let count = running.entry(key.to_owned()).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Pass {
+            gates: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    async fn enter(self: &Arc<Self>, key: String, limit: usize) -> Pass {
+        loop {
+            // Registered before the look, so a job leaving in between still wakes us.
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if let Some(pass) = self.try_enter(&key, limit) {
+                return pass;
+            }
+            left.await;
+        }
+    }
 }
 
 /// A status change or progress report of a target image or provider image, for
@@ -103,10 +172,12 @@ pub struct Jobs {
     paths: Paths,
     /// Where `file://` base images may come from.
     import_dir: Option<PathBuf>,
+    /// What base image downloads may reach and how large they may be.
+    fetch: Arc<FetchPolicy>,
     concurrency: Concurrency,
     permits: Arc<Semaphore>,
-    /// Limits per target name and per environment id, made on first use.
-    scoped: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Jobs running per target name and per environment.
+    gates: Arc<Gates>,
     /// The stop flag of every job whose plugin call is running.
     running: Mutex<HashMap<Id, Stop>>,
     changes: tokio::sync::broadcast::Sender<Change>,
@@ -119,6 +190,7 @@ impl Jobs {
         blobs: Arc<Blobs>,
         paths: Paths,
         import_dir: Option<PathBuf>,
+        fetch: Arc<FetchPolicy>,
         concurrency: Concurrency,
     ) -> Jobs {
         Jobs {
@@ -127,9 +199,10 @@ impl Jobs {
             blobs,
             paths,
             import_dir,
+            fetch,
             concurrency,
             permits: Arc::new(Semaphore::new(concurrency.workers.max(1))),
-            scoped: Mutex::new(HashMap::new()),
+            gates: Arc::new(Gates::default()),
             running: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(4096).0,
         }
@@ -171,22 +244,16 @@ impl Jobs {
         }
     }
 
-    fn semaphore(&self, key: String, size: usize) -> Arc<Semaphore> {
-        lock(&self.scoped)
-            .entry(key)
-            .or_insert_with(|| Arc::new(Semaphore::new(size)))
-            .clone()
-    }
-
-    /// The target and environment a job works for, for the per-scope limits.
-    fn scope(&self, job: &Job) -> Result<(Option<String>, Option<u64>), StoreError> {
+    /// The target and environment a job works for, and the environment's own limit of
+    /// running jobs, for the per-scope limits.
+    fn scope(&self, job: &Job) -> Result<Scope, StoreError> {
         let environment_of_build = |build: Id| -> Result<Option<u64>, StoreError> {
             Ok(match self.store.build(build)? {
                 Some(b) => self.store.image(b.image_id)?.map(|i| i.environment_id),
                 None => None,
             })
         };
-        Ok(match job.kind {
+        let (target, environment) = match job.kind {
             JobKind::Build => match self.store.target_image(job.id)? {
                 Some(ti) => (Some(ti.target.clone()), environment_of_build(ti.build_id)?),
                 None => (None, None),
@@ -209,29 +276,36 @@ impl Jobs {
                 };
                 (target, None)
             }
+        };
+        let quota = match environment {
+            Some(env) => self.store.quota(env)?.running_jobs,
+            None => None,
+        };
+        Ok(Scope {
+            target,
+            environment,
+            quota,
         })
     }
 
-    /// Waits for the permits of a job's target and environment, saying on the record
-    /// what it waits for.
-    async fn scoped_permits(self: &Arc<Self>, job: &Job) -> Vec<tokio::sync::OwnedSemaphorePermit> {
-        let mut permits = Vec::new();
-        let Concurrency {
-            per_target,
-            per_environment,
-            ..
-        } = self.concurrency;
-        if per_target == 0 && per_environment == 0 {
-            return permits;
-        }
+    /// Waits until the job's target and environment have room, saying on the record what
+    /// it waits for. An environment's room is the smaller of the server's fair share
+    /// (`--max-per-environment`) and the environment's quota of running jobs.
+    async fn scoped_permits(self: &Arc<Self>, job: &Job) -> Vec<Pass> {
+        let mut passes = Vec::new();
         let jobs = self.clone();
         let lookup = job.clone();
-        let Ok(Ok((target, env))) = tokio::task::spawn_blocking(move || jobs.scope(&lookup)).await
-        else {
-            return permits;
+        let scope = match tokio::task::spawn_blocking(move || jobs.scope(&lookup)).await {
+            Ok(Ok(scope)) => scope,
+            Ok(Err(e)) => {
+                tracing::error!(job = %job.id, "the limits of a job could not be read: {e}");
+                return passes;
+            }
+            Err(_) => return passes,
         };
+        let per_target = self.concurrency.per_target;
         let mut scopes = Vec::new();
-        if let (Some(target), true) = (target, per_target > 0) {
+        if let (Some(target), true) = (scope.target, per_target > 0) {
             let kind = if job.kind == JobKind::Build {
                 "build"
             } else {
@@ -243,30 +317,35 @@ impl Jobs {
                 format!("waiting: at most {per_target} {kind}(s) for target {target} run at once"),
             ));
         }
-        if let (Some(env), true) = (env, per_environment > 0) {
-            scopes.push((
-                format!("environment/{env}"),
-                per_environment,
-                format!(
-                    "waiting: at most {per_environment} job(s) of this environment run at once"
-                ),
-            ));
+        if let Some(env) = scope.environment {
+            let share = self.concurrency.per_environment;
+            let quota = scope
+                .quota
+                .map(|q| usize::try_from(q).unwrap_or(usize::MAX));
+            let limit = match (share, quota) {
+                (0, quota) => quota,
+                (share, None) => Some(share),
+                (share, Some(quota)) => Some(share.min(quota)),
+            };
+            if let Some(limit) = limit {
+                scopes.push((
+                    format!("environment/{env}"),
+                    limit,
+                    format!("waiting: at most {limit} job(s) of this environment run at once"),
+                ));
+            }
         }
-        for (key, size, waiting) in scopes {
-            let semaphore = self.semaphore(key, size);
-            let permit = match semaphore.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
+        for (key, limit, waiting) in scopes {
+            let pass = match self.gates.try_enter(&key, limit) {
+                Some(pass) => pass,
+                None => {
                     self.note_waiting(job, waiting).await;
-                    match semaphore.acquire_owned().await {
-                        Ok(permit) => permit,
-                        Err(_) => continue,
-                    }
+                    self.gates.enter(key, limit).await
                 }
             };
-            permits.push(permit);
+            passes.push(pass);
         }
-        permits
+        passes
     }
 
     async fn note_waiting(self: &Arc<Self>, job: &Job, activity: String) {
@@ -597,7 +676,17 @@ impl Jobs {
         let result = self.build_in(&ti, job, &work, stop);
         // Whatever happened, nothing in the work directory is needed any more.
         let _ = std::fs::remove_dir_all(&work);
-        result
+        match result {
+            // A disk that refused a write (full, a size the file system cannot hold)
+            // fails this build with the reason rather than leave it BUILDING and run it
+            // again at every start.
+            Err(JobError::Io(reason)) => {
+                tracing::warn!(job = %ti.id, "build failed on the server's disk: {reason}");
+                self.set_ti(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
+                Ok(Step::Done(Err(reason)))
+            }
+            other => other,
+        }
     }
 
     fn build_in(
@@ -656,12 +745,14 @@ impl Jobs {
                         ti.progress.activity = format!("fetching the base image: {done}{of} bytes");
                     });
                 };
-                let fetched = blobs::fetch_base(
-                    &base_image.url,
-                    self.import_dir.as_deref(),
-                    &base,
-                    &mut progress,
-                );
+                let source = blobs::BaseSource {
+                    import_dir: self.import_dir.as_deref(),
+                    policy: &self.fetch,
+                };
+                let fetched =
+                    blobs::fetch_base(&base_image.url, &source, &base, &mut progress, &|| {
+                        stop.reason().is_some()
+                    });
                 match fetched {
                     Ok((sha256, size)) => {
                         facts.disk_size = size;
@@ -672,18 +763,21 @@ impl Jobs {
                             ti.progress.activity = "building from the base image".into();
                         })?;
                     }
+                    Err(BaseError::Stopped) => {
+                        return on_plugin_error(job, stopped(stop), |change| {
+                            self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
+                        });
+                    }
                     // A network failure is worth another try; anything else is final.
-                    Err(reason)
-                        if base_image.url.starts_with("http") && job.attempts < MAX_ATTEMPTS =>
-                    {
+                    Err(error) if error.is_passing() && job.attempts < MAX_ATTEMPTS => {
                         let pause = backoff(job.attempts);
                         self.set_ti(ti.id, |ti| {
                             ti.progress.activity =
-                                format!("{reason}; retrying in {} s", pause.as_secs());
+                                format!("{error}; retrying in {} s", pause.as_secs());
                         })?;
                         return Ok(Step::Retry(pause));
                     }
-                    Err(reason) => return failed(reason),
+                    Err(error) => return failed(error.to_string()),
                 }
             }
             None => plugins::create_blank(&base, facts.disk_size)
@@ -718,11 +812,21 @@ impl Jobs {
         self.set_ti(ti.id, |ti| {
             ti.progress.activity = "storing the image".into();
         })?;
+        // Hashing takes as long as the image is large: it runs before the hold, which
+        // collection waits for, and a cancel or a shutdown ends it.
+        let blob = match blobs::hash_file(&output, &|| stop.reason().is_some()) {
+            Ok((sha256, size)) => blobs::Blob { sha256, size },
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                return on_plugin_error(job, stopped(stop), |change| {
+                    self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
+                });
+            }
+            Err(e) => return Err(JobError::Io(format!("reading the built image: {e}"))),
+        };
         // Held until the record names the blob, so collection cannot take it first.
         let _hold = self.blobs.hold();
-        let blob = self
-            .blobs
-            .ingest(&output)
+        self.blobs
+            .ingest(&output, &blob)
             .map_err(|e| JobError::Io(format!("storing the built image: {e}")))?;
         let blank_note = if ti.base_image.is_some() {
             String::new()
@@ -1044,6 +1148,15 @@ fn on_plugin_error(
             set(&|progress| fail(progress, reason.clone()))?;
             Ok(Step::Done(Err(reason)))
         }
+    }
+}
+
+/// The plugin error that stands for a stop seen outside a plugin call (while fetching
+/// or hashing), so it is recorded the same way.
+fn stopped(stop: &Stop) -> PluginError {
+    match stop.reason() {
+        Some(StopReason::Shutdown) => PluginError::Shutdown,
+        _ => PluginError::Cancelled,
     }
 }
 

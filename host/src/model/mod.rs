@@ -122,6 +122,78 @@ pub struct Environment {
     pub description: String,
 }
 
+/// What one environment may hold and run, set by global administrators. `None` is no
+/// limit of that kind (the server's own limits still apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Images, built or imported.
+    pub images: Option<u64>,
+    /// Bytes of built images; a build is refused once they reach it.
+    pub stored_bytes: Option<u64>,
+    /// Builds and pushes running at once (a smaller limit than the server's fair share
+    /// takes effect for jobs that start waiting after it was set).
+    pub running_jobs: Option<u64>,
+    /// Builds and pushes not yet finished, running or waiting.
+    pub queued_jobs: Option<u64>,
+}
+
+/// What an environment holds now, against its [`Quota`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub images: u64,
+    pub stored_bytes: u64,
+    pub queued_jobs: u64,
+}
+
+/// A request that would take an environment past its quota.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("environment {environment} would hold {wanted} {what}, over its quota of {limit}")]
+pub struct QuotaExceeded {
+    pub environment: u64,
+    /// `images`, `stored bytes` or `queued jobs`.
+    pub what: &'static str,
+    pub limit: u64,
+    pub wanted: u64,
+}
+
+impl Quota {
+    /// Whether adding `images` images and `jobs` jobs to what `usage` says stays within
+    /// the quota. Stored bytes are judged as they are: a build's size is known only once
+    /// it is built, so builds are refused once the bytes reach the quota.
+    pub fn admits(
+        &self,
+        environment: u64,
+        usage: &Usage,
+        images: u64,
+        jobs: u64,
+    ) -> Result<(), QuotaExceeded> {
+        let over = |what, limit: Option<u64>, wanted: u64, used_only: bool| match limit {
+            Some(limit) if (used_only && wanted >= limit) || (!used_only && wanted > limit) => {
+                Err(QuotaExceeded {
+                    environment,
+                    what,
+                    limit,
+                    wanted,
+                })
+            }
+            _ => Ok(()),
+        };
+        if images > 0 {
+            over("images", self.images, usage.images + images, false)?;
+            over("stored bytes", self.stored_bytes, usage.stored_bytes, true)?;
+        }
+        if jobs > 0 {
+            over(
+                "queued jobs",
+                self.queued_jobs,
+                usage.queued_jobs + jobs,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The name of the environment every server has, and where unnamed requests go.
 pub const DEFAULT_ENVIRONMENT: &str = "default";
 

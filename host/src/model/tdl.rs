@@ -334,6 +334,11 @@ fn is_base64(s: &str) -> bool {
 /// Oz's size rule (`oz/TDL.py`) within the schema's pattern: digits, optional spaces, then nothing
 /// or G (GiB, Oz's historical default), T (TiB), B (bytes), or an SI (`MB`) or IEC (`MiB`) unit,
 /// in any case. A bare `M` matches the schema's pattern but Oz refuses it, so it is refused here.
+/// A size in TDL's notation (a bare number is GiB), for flags that take one.
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    disk_size(raw).map_err(|e| e.replacen("disk/size", "a size", 1))
+}
+
 fn disk_size(raw: &str) -> Result<u64, String> {
     let number = raw.trim_end_matches(|c: char| !c.is_ascii_digit());
     let unit = raw[number.len()..]

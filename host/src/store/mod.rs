@@ -8,7 +8,7 @@ mod tables;
 
 use crate::model::{
     Account, Build, Deletion, Environment, Hook, Id, Image, Job, JobKind, Provider, ProviderImage,
-    TargetImage, User,
+    Quota, QuotaExceeded, TargetImage, Usage, User,
 };
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -43,6 +43,9 @@ pub enum StoreError {
          give this one another --data directory"
     )]
     InUse,
+    /// A request that would take its environment past its quota; nothing was stored.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
 }
 
 macro_rules! redb_errors {
@@ -120,6 +123,40 @@ fn children(index: &impl ReadableTable<(u128, u128), ()>, parent: u128) -> Resul
         ids.push(key.value().1);
     }
     Ok(ids)
+}
+
+/// Counts what an environment holds, through its indexes: images, the bytes of their
+/// built target images, and the builds and pushes not yet finished.
+fn usage_in(
+    images_by_environment: &impl ReadableTable<(u64, u128), ()>,
+    builds_by_image: &impl ReadableTable<(u128, u128), ()>,
+    target_images_by_build: &impl ReadableTable<(u128, u128), ()>,
+    target_images: &impl ReadableTable<u128, &'static [u8]>,
+    provider_images_by_target_image: &impl ReadableTable<(u128, u128), ()>,
+    provider_images: &impl ReadableTable<u128, &'static [u8]>,
+    environment: u64,
+) -> Result<Usage> {
+    let mut usage = Usage::default();
+    for entry in images_by_environment.range((environment, 0u128)..=(environment, u128::MAX))? {
+        let image = entry?.0.value().1;
+        usage.images += 1;
+        for build in children(builds_by_image, image)? {
+            for ti in children(target_images_by_build, build)? {
+                if let Some(ti) = get::<u128, TargetImage>(target_images, "target-images", ti)? {
+                    usage.stored_bytes += ti.disk.as_ref().map_or(0, |d| d.size);
+                    usage.queued_jobs += u64::from(!ti.progress.status.is_terminal());
+                }
+                for pi in children(provider_images_by_target_image, ti)? {
+                    if let Some(pi) =
+                        get::<u128, ProviderImage>(provider_images, "provider-images", pi)?
+                    {
+                        usage.queued_jobs += u64::from(!pi.progress.status.is_terminal());
+                    }
+                }
+            }
+        }
+    }
+    Ok(usage)
 }
 
 fn put<'k, K: Key + 'static, T: Serialize>(
@@ -205,6 +242,7 @@ impl Store {
             txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?;
             txn.open_table(PLUGIN_STATE)?;
             txn.open_table(HOOKS)?;
+            txn.open_table(QUOTAS)?;
         }
         txn.commit()?;
         Ok(Store {
@@ -363,6 +401,7 @@ impl Store {
             return Ok(false);
         }
         txn.open_table(ENVIRONMENTS)?.remove(id)?;
+        txn.open_table(QUOTAS)?.remove(id)?;
         {
             let mut table = txn.open_table(ACCOUNTS)?;
             let accounts = self.accounts_in(&table)?;
@@ -698,6 +737,8 @@ impl Store {
 
     /// Stores a build request at once: the image (when new), the build, its target images
     /// and one job per target image. Nothing is stored if any part fails.
+    /// The environment's quota is checked in the same transaction, so requests made at
+    /// the same moment cannot together pass it.
     pub fn create_build(
         &self,
         new_image: Option<&Image>,
@@ -706,6 +747,18 @@ impl Store {
         jobs: &[Job],
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        let environment = match new_image {
+            Some(image) => Some(image.environment_id),
+            None => Self::image_environment_in(&txn, build.image_id)?,
+        };
+        if let Some(environment) = environment {
+            Self::admit(
+                &txn,
+                environment,
+                u64::from(new_image.is_some()),
+                jobs.len() as u64,
+            )?;
+        }
         Self::create_build_in(&txn, new_image, build, target_images)?;
         Self::put_jobs(&txn, jobs)?;
         self.commit(txn)?;
@@ -735,9 +788,16 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a push request at once: its provider images and their jobs.
-    pub fn create_push(&self, provider_images: &[ProviderImage], jobs: &[Job]) -> Result<()> {
+    /// Stores a push request at once: its provider images and their jobs, within the
+    /// quota of `environment`, the images' environment.
+    pub fn create_push(
+        &self,
+        environment: u64,
+        provider_images: &[ProviderImage],
+        jobs: &[Job],
+    ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        Self::admit(&txn, environment, 0, jobs.len() as u64)?;
         Self::create_push_in(&txn, provider_images)?;
         Self::put_jobs(&txn, jobs)?;
         self.commit(txn)?;
@@ -764,10 +824,84 @@ impl Store {
         provider_image: &ProviderImage,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        Self::admit(&txn, image.environment_id, 1, 0)?;
         Self::create_build_in(&txn, Some(image), build, std::slice::from_ref(target_image))?;
         Self::create_push_in(&txn, std::slice::from_ref(provider_image))?;
         self.commit(txn)?;
         Ok(())
+    }
+
+    /// The environments whose provider images name `identifier` on this provider: who
+    /// pushed or imported that provider-side image.
+    pub fn environments_holding(&self, provider: u64, identifier: &str) -> Result<Vec<u64>> {
+        let reader = self.reader()?;
+        let mut found = Vec::new();
+        for pi in reader.provider_images(None)? {
+            if pi.provider_id != provider || pi.target_identifier != identifier {
+                continue;
+            }
+            if let Some(env) = reader.target_image_environment(pi.target_image_id)?
+                && !found.contains(&env)
+            {
+                found.push(env);
+            }
+        }
+        Ok(found)
+    }
+
+    // ---- quotas ----
+
+    /// An environment's quota; no limits when none was set.
+    pub fn quota(&self, environment: u64) -> Result<Quota> {
+        let txn = self.db.begin_read()?;
+        Ok(get(&txn.open_table(QUOTAS)?, "environment-quotas", environment)?.unwrap_or_default())
+    }
+
+    pub fn put_quota(&self, environment: u64, quota: &Quota) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        put(&mut txn.open_table(QUOTAS)?, environment, quota)?;
+        self.commit(txn)?;
+        Ok(())
+    }
+
+    /// What an environment holds now.
+    pub fn usage(&self, environment: u64) -> Result<Usage> {
+        let txn = self.db.begin_read()?;
+        usage_in(
+            &txn.open_table(IMAGES_BY_ENVIRONMENT)?,
+            &txn.open_table(BUILDS_BY_IMAGE)?,
+            &txn.open_table(TARGET_IMAGES_BY_BUILD)?,
+            &txn.open_table(TARGET_IMAGES)?,
+            &txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?,
+            &txn.open_table(PROVIDER_IMAGES)?,
+            environment,
+        )
+    }
+
+    /// Fails with [`StoreError::Quota`] unless `environment` may take `images` more
+    /// images and `jobs` more jobs.
+    fn admit(txn: &WriteTransaction, environment: u64, images: u64, jobs: u64) -> Result<()> {
+        let quota: Quota =
+            get(&txn.open_table(QUOTAS)?, "environment-quotas", environment)?.unwrap_or_default();
+        if quota == Quota::default() {
+            return Ok(());
+        }
+        let usage = usage_in(
+            &txn.open_table(IMAGES_BY_ENVIRONMENT)?,
+            &txn.open_table(BUILDS_BY_IMAGE)?,
+            &txn.open_table(TARGET_IMAGES_BY_BUILD)?,
+            &txn.open_table(TARGET_IMAGES)?,
+            &txn.open_table(PROVIDER_IMAGES_BY_TARGET_IMAGE)?,
+            &txn.open_table(PROVIDER_IMAGES)?,
+            environment,
+        )?;
+        quota.admits(environment, &usage, images, jobs)?;
+        Ok(())
+    }
+
+    fn image_environment_in(txn: &WriteTransaction, image: Id) -> Result<Option<u64>> {
+        let image: Option<Image> = get(&txn.open_table(IMAGES)?, "images", image.as_u128())?;
+        Ok(image.map(|i| i.environment_id))
     }
 
     fn put_jobs(txn: &WriteTransaction, jobs: &[Job]) -> Result<()> {

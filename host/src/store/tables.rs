@@ -36,3 +36,7 @@ pub const PLUGIN_STATE: TableDefinition<(u64, &str), &[u8]> =
 
 /// Webhooks: id → the URL that receives status changes.
 pub const HOOKS: TableDefinition<u64, &[u8]> = TableDefinition::new("hooks-v1");
+
+/// Quotas per environment: environment id → [`crate::model::Quota`]. A table of its own,
+/// so that environment rows written before quotas existed read as they are.
+pub const QUOTAS: TableDefinition<u64, &[u8]> = TableDefinition::new("environment-quotas-v1");
