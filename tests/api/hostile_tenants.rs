@@ -876,3 +876,96 @@ async fn the_data_directory_is_the_servers_alone() {
         assert_eq!(mode(&data.join(name)) & 0o077, 0, "{name}");
     }
 }
+
+/// Account labels are unique within an environment only: an environment's administrator
+/// cannot find out which labels other environments use, and pushes name accounts within
+/// the image's environment.
+#[tokio::test]
+async fn account_labels_reveal_nothing_about_other_environments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    two_environments(&server).await;
+    for name in ["alpha", "beta"] {
+        user(
+            &server,
+            &format!("{name}-owner"),
+            &format!("<role environment='{name}'>admin</role>"),
+        )
+        .await;
+    }
+    let account = |env: &str| {
+        format!(
+            "<provider_account><label>shared</label><provider id='1'/><environment>{env}</environment>\
+             <credentials><username>u</username><password>p</password></credentials></provider_account>"
+        )
+    };
+    let a = as_user(
+        &server,
+        "alpha-owner",
+        Method::POST,
+        "/api/provider_accounts",
+        &account("alpha"),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let b = as_user(
+        &server,
+        "beta-owner",
+        Method::POST,
+        "/api/provider_accounts",
+        &account("beta"),
+    )
+    .await;
+    assert_eq!(b.status, 201, "beta may use a label alpha uses: {}", b.body);
+    let again = as_user(
+        &server,
+        "alpha-owner",
+        Method::POST,
+        "/api/provider_accounts",
+        &account("alpha"),
+    )
+    .await;
+    assert_eq!(again.status, 422, "{}", again.body);
+    assert!(again.body.contains("taken"), "{}", again.body);
+    // Both accounts in one environment would make the label ambiguous there.
+    let b_id = b.ids("provider_account")[0].clone();
+    let alpha_id = server
+        .get("/api/environments/alpha")
+        .await
+        .ids("environment")[0]
+        .clone();
+    let joined = server
+        .put(
+            &format!("/api/pool_families/{alpha_id}/provider_accounts/{b_id}"),
+            "",
+        )
+        .await;
+    assert_eq!(joined.status, 422, "{}", joined.body);
+
+    // A push by label names the account of the image's environment, even for a global
+    // administrator who sees both.
+    let built = as_user(
+        &server,
+        "beta-admin",
+        Method::POST,
+        "/api/images",
+        &build_in("beta", "b", 0),
+    )
+    .await;
+    let ti = built.ids("target_image")[0].clone();
+    server
+        .wait_terminal(&format!("/api/target_images/{ti}"))
+        .await;
+    let pushed = server
+        .post(
+            "/api/provider_images",
+            &format!("<provider_image><target_image_id>{ti}</target_image_id><provider_account>shared</provider_account></provider_image>"),
+        )
+        .await;
+    assert_eq!(pushed.status, 200, "{}", pushed.body);
+    let pi = pushed.ids("provider_image")[0].clone();
+    let done = server
+        .wait_terminal(&format!("/api/provider_images/{pi}"))
+        .await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+}

@@ -355,27 +355,38 @@ async fn set_member(
     let user = user.clone();
     let changed = blocking(state, move |store| {
         let Some(mut a) = store.account(key)? else {
-            return Ok(false);
+            return Ok(Ok(false));
         };
         let administers = user.0.admin
             || a.environments
                 .iter()
                 .any(|e| user.0.may(*e, crate::model::Action::ManageAccounts));
         if !administers {
-            return Ok(false);
+            return Ok(Ok(false));
+        }
+        let clash = member
+            && store
+                .accounts()?
+                .iter()
+                .any(|o| o.id != a.id && o.label == a.label && o.environments.contains(&env.id));
+        if clash {
+            return Ok(Err(a.label));
         }
         a.environments.retain(|e| *e != env.id);
         if member {
             a.environments.push(env.id);
         }
         store.put_account(&a)?;
-        Ok(true)
+        Ok(Ok(true))
     })
     .await?;
-    if changed {
-        Ok(no_content())
-    } else {
-        Err(missing())
+    match changed {
+        Ok(true) => Ok(no_content()),
+        Ok(false) => Err(missing()),
+        // Labels name accounts within an environment, so two there may not share one.
+        Err(label) => Err(ApiError::validation(vec![format!(
+            "Label {label} is already used by another account in this environment"
+        )])),
     }
 }
 

@@ -577,14 +577,24 @@ async fn import(
         .ok_or_else(|| insufficient("Please specify a type, build or import"))?;
 
     let (account, environment, providers, accounts) = {
-        let (label, env_name) = (label.clone(), env_name.clone());
+        let (label, env_name, viewer) = (label.clone(), env_name.clone(), user.clone());
         blocking(state, move |store| {
-            Ok((
-                store.account_by_label(&label)?,
-                store.environment_by_name(&env_name)?,
-                store.providers()?,
-                store.accounts()?,
-            ))
+            let environment = store.environment_by_name(&env_name)?;
+            let accounts = store.accounts()?;
+            // Labels are unique within an environment: the named environment's account
+            // of that label, else any of that label (judged by what the user sees below).
+            let account = accounts
+                .iter()
+                .filter(|a| a.label == label)
+                .max_by_key(|a| {
+                    let in_environment = environment
+                        .as_ref()
+                        .is_some_and(|e| a.environments.contains(&e.id));
+                    let seen = a.environments.iter().any(|e| viewer.0.sees(*e));
+                    (in_environment && seen, seen)
+                })
+                .cloned();
+            Ok((account, environment, store.providers()?, accounts))
         })
         .await?
     };

@@ -333,9 +333,17 @@ pub async fn create(
     let mut plan: Vec<(&Account, &Provider, &TargetImage)> = Vec::new();
     for label in &labels {
         // An account the user has no role for does not exist for them.
+        // Labels are unique within an environment: the image's environment's account
+        // of that label, else one the user sees elsewhere (which is then refused as not
+        // in this environment).
         let account = accounts
             .iter()
-            .find(|a| &a.label == label && a.environments.iter().any(|e| user.0.sees(*e)))
+            .find(|a| &a.label == label && a.environments.contains(&environment))
+            .or_else(|| {
+                accounts
+                    .iter()
+                    .find(|a| &a.label == label && a.environments.iter().any(|e| user.0.sees(*e)))
+            })
             .ok_or_else(|| {
                 ApiError::not_found(
                     "ProviderAccountNotFound",

@@ -507,9 +507,16 @@ fn apply_account(
         .or_else(|| field(body, "name"))
         .or_else(|| creating.then(String::new))
     {
-        let taken = existing
-            .iter()
-            .any(|a| a.label == label && a.id != account.id);
+        // Labels are unique within each environment, not across the server: an
+        // environment's administrators cannot learn other environments' labels by
+        // finding them taken. Pushes and imports name accounts within an environment.
+        let taken = existing.iter().any(|a| {
+            a.label == label
+                && a.id != account.id
+                && a.environments
+                    .iter()
+                    .any(|e| account.environments.contains(e))
+        });
         match new_name_problem("Label", &label, taken) {
             Some(problem) => problems.push(problem),
             None => account.label = label,

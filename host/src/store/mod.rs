@@ -620,10 +620,6 @@ impl Store {
         }
     }
 
-    pub fn account_by_label(&self, label: &str) -> Result<Option<Account>> {
-        Ok(self.accounts()?.into_iter().find(|a| a.label == label))
-    }
-
     pub fn create_account(&self, mut account: Account) -> Result<Account> {
         let txn = self.db.begin_write()?;
         account.id = Self::next_id(&txn, "accounts")?;
