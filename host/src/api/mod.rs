@@ -628,6 +628,10 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .is_some_and(|accept| accept.contains("application/json") && !accept.contains("xml"))
 }
 
+/// Documents larger than this are turned into JSON [`LARGE_JSON_TURNS`] at a time.
+const LARGE_JSON: usize = 1 << 20;
+static LARGE_JSON_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The same answer as JSON (see [`json`]); anything that is not an XML document (a
 /// download, an empty 401) passes unchanged.
 async fn as_json(response: Response) -> Response {
@@ -639,6 +643,14 @@ async fn as_json(response: Response) -> Response {
     let converted = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => {
             empty = bytes.iter().all(u8::is_ascii_whitespace);
+            // A document's JSON tree takes several times its size while it is built:
+            // large ones (long lists) are converted a few at a time, so that many
+            // clients asking at once cannot add those trees up.
+            let _turn = if bytes.len() > LARGE_JSON {
+                LARGE_JSON_TURNS.acquire().await.ok()
+            } else {
+                None
+            };
             json::from_xml(&bytes)
         }
         Err(e) => Err(e.to_string()),
