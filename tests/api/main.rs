@@ -4,6 +4,7 @@
 mod builds;
 mod cli;
 mod client;
+mod conductor_quirks;
 mod disks;
 mod ec2;
 mod errors;

@@ -590,7 +590,7 @@ async fn import(
                     let in_environment = environment
                         .as_ref()
                         .is_some_and(|e| a.environments.contains(&e.id));
-                    let seen = a.environments.iter().any(|e| viewer.0.sees(*e));
+                    let seen = viewer.sees_account(a);
                     (in_environment && seen, seen)
                 })
                 .cloned();
@@ -600,14 +600,12 @@ async fn import(
     };
     // Checks in Conductor's order, so the same request fails the same way. An account
     // or environment the user has no role in does not exist for them.
-    let account = account
-        .filter(|a| a.environments.iter().any(|env| user.0.sees(*env)))
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "ProviderAccountNotFound",
-                format!("Could not find Provider Account for name {label}"),
-            )
-        })?;
+    let account = account.filter(|a| user.sees_account(a)).ok_or_else(|| {
+        ApiError::not_found(
+            "ProviderAccountNotFound",
+            format!("Could not find Provider Account for name {label}"),
+        )
+    })?;
     let environment = environment.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
         ApiError::bad_request(
             "ParameterDataIncorrect",

@@ -720,6 +720,13 @@ impl CurrentUser {
         environment.is_some_and(|env| self.0.sees(env))
     }
 
+    /// Whether an account exists for the user: a global administrator sees every one
+    /// (also one that belongs to no environment), anyone else those of environments
+    /// they have a role in.
+    pub fn sees_account(&self, account: &crate::model::Account) -> bool {
+        self.0.admin || account.environments.iter().any(|e| self.0.sees(*e))
+    }
+
     /// 403 unless the user may do this in the environment (which they can see).
     pub fn require(&self, environment: u64, action: Action) -> ApiResult<()> {
         if self.0.may(environment, action) {

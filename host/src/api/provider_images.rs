@@ -342,7 +342,7 @@ pub async fn create(
             .or_else(|| {
                 accounts
                     .iter()
-                    .find(|a| &a.label == label && a.environments.iter().any(|e| user.0.sees(*e)))
+                    .find(|a| &a.label == label && user.sees_account(a))
             })
             .ok_or_else(|| {
                 ApiError::not_found(

@@ -14,7 +14,7 @@ use crate::model::{Account, Action, DEFAULT_ENVIRONMENT, Provider, new_name_prob
 use crate::plugins::{Info, PluginError};
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 
 pub async fn list_types(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
@@ -123,14 +123,34 @@ fn account_not_found(id: &str) -> ApiError {
     )
 }
 
-pub async fn list(State(state): State<Shared>, headers: HeaderMap) -> ApiResult {
+/// `?minimal=…` leaves each provider its href and id only, whatever the value
+/// (`minimal=false` too), as Conductor did (reference §7.5): clients written against it
+/// send it that way.
+pub async fn list(
+    State(state): State<Shared>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> ApiResult {
     let base = base(&state, &headers);
+    let minimal = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some("minimal"));
     let mut providers = blocking(&state, |store| store.providers()).await?;
     providers.sort_by(|a, b| a.name.cmp(&b.name));
     let mut doc = Doc::new();
     doc.open("providers", &[]);
     for p in &providers {
-        write_provider(&mut doc, &base, p);
+        if minimal {
+            let id = p.id.to_string();
+            doc.empty(
+                "provider",
+                &[("href", &format!("{base}/providers/{id}")), ("id", &id)],
+            );
+        } else {
+            write_provider(&mut doc, &base, p);
+        }
     }
     doc.close("providers");
     Ok(xml_ok(doc.finish()))
@@ -407,7 +427,7 @@ async fn render_accounts(
 
 /// An account exists for a user who has a role in one of its environments.
 fn account_visible(user: &CurrentUser, account: &Account) -> bool {
-    user.0.admin || account.environments.iter().any(|e| user.0.sees(*e))
+    user.sees_account(account)
 }
 
 /// Whether the user administers the account: may see its credentials, change it,
