@@ -1,4 +1,4 @@
-//! The requests today's aeolus-cli sends (../shared/fixtures/aeolus-cli-requests), sent
+//! The requests today's aeolus-cli sends (tests/fixtures/aeolus-cli-requests), sent
 //! as recorded, with the recorded ids swapped for ids of records this server made, and
 //! the replies checked for the shapes the client needs
 //! (../shared/reference/aeolus-cli-client.md §5).
@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/aeolus-cli-requests"
+    "/../tests/fixtures/aeolus-cli-requests"
 );
 
 struct Recorded {
@@ -22,7 +22,7 @@ struct Recorded {
 
 fn recorded() -> Vec<Recorded> {
     let mut files: Vec<_> = std::fs::read_dir(FIXTURES)
-        .expect("the shared fixtures are beside the project")
+        .expect("tests/fixtures/aeolus-cli-requests is readable")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
         .collect();

@@ -1,5 +1,5 @@
 //! Replays every HTTP exchange that aeolus-cli recorded from a real Conductor
-//! (../shared/fixtures/aeolus-cli/**/*.yml, VCR cassettes), one fresh server per cassette.
+//! (tests/fixtures/aeolus-cli/**/*.yml, VCR cassettes), one fresh server per cassette.
 //!
 //! For each cassette the world the recording assumes is built through the API (derived
 //! from the recorded replies where they show it), then each recorded request is sent with
@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 
 const CASSETTES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/aeolus-cli"
+    "/../tests/fixtures/aeolus-cli"
 );
 
 // ---- what may differ, in one place ----
@@ -219,7 +219,7 @@ const NORMALISATIONS: &[Norm] = &[
         old_shape: true,
     },
     // Row 19: the 2011 client sent the descriptor file's name; today's sends its content
-    // (../shared/fixtures/aeolus-cli-requests/26-import-descfile).
+    // (tests/fixtures/aeolus-cli-requests/26-import-descfile).
     Norm::Request {
         recorded: "<image_descriptor>spec/sample_data/image_description.xml</image_descriptor>",
         ours: "<image_descriptor>&lt;image&gt;\n  &lt;name&gt;Test Image&lt;/name&gt;\n&lt;/image&gt;</image_descriptor>",
@@ -1396,7 +1396,7 @@ cassettes! {
 #[test]
 fn covers_every_cassette() {
     let mut found = BTreeSet::new();
-    for group in std::fs::read_dir(CASSETTES).expect("the shared fixtures are beside the project") {
+    for group in std::fs::read_dir(CASSETTES).expect("tests/fixtures/aeolus-cli is readable") {
         let group = group.expect("entry").path();
         if !group.is_dir() {
             continue;
