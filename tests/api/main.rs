@@ -22,3 +22,4 @@ mod sandbox;
 mod serving;
 mod template;
 mod tenants;
+mod upgrade;

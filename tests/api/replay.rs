@@ -12,10 +12,7 @@ use crate::harness::{Reply, Server, TEST_PLUGINS};
 use roxmltree::{Document, Node};
 use std::collections::{BTreeSet, HashMap};
 
-const CASSETTES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/aeolus-cli"
-);
+const CASSETTES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/aeolus-cli");
 
 // ---- what may differ, in one place ----
 

@@ -254,7 +254,12 @@ pub fn spawn_dispatcher(state: Shared, base: String) {
             for hook in hooks {
                 let queue = queues.entry(hook.id).or_insert_with(|| {
                     let (sender, receiver) = tokio::sync::mpsc::channel(QUEUE);
-                    tokio::spawn(deliver(client.clone(), hook.uri.clone(), receiver));
+                    tokio::spawn(deliver(
+                        client.clone(),
+                        state.fetch.clone(),
+                        hook.uri.clone(),
+                        receiver,
+                    ));
                     sender
                 });
                 if queue.try_send((event, body.clone())).is_err() {
@@ -267,10 +272,18 @@ pub fn spawn_dispatcher(state: Shared, base: String) {
 
 async fn deliver(
     client: reqwest::Client,
+    policy: std::sync::Arc<crate::fetch::FetchPolicy>,
     uri: String,
     mut queue: tokio::sync::mpsc::Receiver<(&'static str, String)>,
 ) {
     while let Some((event, body)) = queue.recv().await {
+        // A hook stored before its address was refused (by an older release, or while
+        // the operator allowed it) is not delivered: an address in the URL itself
+        // never reaches the resolver's check.
+        if let Err(refused) = policy.check(&uri) {
+            tracing::warn!(hook = %uri, "webhook not delivered: {refused}");
+            continue;
+        }
         let mut pause = FIRST_PAUSE;
         for attempt in 1..=TRIES {
             let sent = client
