@@ -40,8 +40,16 @@ impl Reply {
             .unwrap_or_else(|| panic!("no <{name}> in {}", self.body))
     }
 
-    /// `id` attributes of every element with this name, in document order.
+    /// `id` attributes of every element with this name, in document order. Only a
+    /// successful reply has any to give: an error document has none, so a test that
+    /// checks that something is absent would pass on a 500.
     pub fn ids(&self, name: &str) -> Vec<String> {
+        assert!(
+            (200..300).contains(&self.status),
+            "ids of <{name}> asked of a {} reply: {}",
+            self.status,
+            self.body
+        );
         self.doc()
             .descendants()
             .filter(|n| n.has_tag_name(name))

@@ -391,10 +391,14 @@ async fn a_user_of_one_environment_finds_nothing_of_another() {
             "",
         )
         .await;
+    // A 200 that lists nothing, not an error that lists nothing.
+    assert_eq!(beta_list.status, 200, "{}", beta_list.body);
     assert!(beta_list.ids("image").is_empty());
     let envs = s
         .as_user("alice", USER_PASSWORD, Method::GET, "/api/environments", "")
         .await;
+    assert_eq!(envs.status, 200, "{}", envs.body);
+    assert!(envs.body.contains("alpha"), "{}", envs.body);
     assert!(!envs.body.contains("beta"), "{}", envs.body);
     let accounts = s
         .as_user(
@@ -405,6 +409,8 @@ async fn a_user_of_one_environment_finds_nothing_of_another() {
             "",
         )
         .await;
+    assert_eq!(accounts.status, 200, "{}", accounts.body);
+    assert!(accounts.body.contains("a-acc"), "{}", accounts.body);
     assert!(!accounts.body.contains("b-acc"), "{}", accounts.body);
 
     // Nothing of beta changed, except alice's own alpha image.
