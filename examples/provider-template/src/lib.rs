@@ -6,18 +6,25 @@
 //! any non-empty `username` and `password` except the password `invalid`. Push
 //! parameter: `visibility` (`private`, the default, or `public`).
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 use conductor_plugin_sdk::guest::host::{self, DiskReader, DiskWriter, Level};
 use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, export_provider, lookup};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 
 struct TemplateCloud;
 
-export_provider!(TemplateCloud);
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
+conductor_plugin_sdk::guest::export_provider!(TemplateCloud);
 
 /// How much is read at once: large reads keep the cost of crossing into the host small.
 const CHUNK: u64 = 4 << 20;

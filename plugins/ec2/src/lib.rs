@@ -16,6 +16,10 @@
 //! template's arch), `boot_mode` (`uefi-preferred` for x86, `uefi` for arm64 by default),
 //! `upload_concurrency` (blocks in flight, 1 to 64, default 16).
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 mod aws;
 
 use aws::{Aws, aws_error};
@@ -32,6 +36,9 @@ use std::collections::VecDeque;
 
 struct Ec2;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 conductor_plugin_sdk::guest::export_provider!(Ec2);
 
 /// The tag that ties a snapshot to the AMI registered on it, so `delete` finds the

@@ -21,6 +21,10 @@
 //! `image/<identifier>`, so `delete` really removes them and `lookup` (import) finds only
 //! images that exist.
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 use conductor_plugin_sdk as sdk;
 use sdk::guest::host::{self, DiskReader, DiskWriter, Level};
 use sdk::guest::types::{
@@ -32,6 +36,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 struct Mock;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 sdk::guest::export_provider!(Mock);
 
 /// Largest read the plugin asks for at once: big enough to keep the host boundary cheap,

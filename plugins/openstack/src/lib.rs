@@ -17,6 +17,10 @@
 //! Push parameters: `disk_format` (what Glance is told the data is; by default what the
 //! data is: qcow2 or raw), `visibility` (`private` by default).
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 use conductor_plugin_sdk::guest::host::{self, DiskReader, DiskWriter, Level};
 use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
@@ -29,6 +33,9 @@ use sha2::{Digest, Sha512};
 
 struct OpenStack;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 conductor_plugin_sdk::guest::export_provider!(OpenStack);
 
 /// How much of the image is read and sent at a time.

@@ -15,6 +15,10 @@
 //!   already holds only that byte, which only a previous call could have left;
 //! - no `mode`: behaves, building a raw copy of the base disk like `testbed`.
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 wit_bindgen::generate!({
     path: "../../../wit",
     world: "plugin",
@@ -28,6 +32,9 @@ use exports::conductor::provider::provider::Guest;
 
 struct Hostile;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 export!(Hostile);
 
 /// Reports the flood modes send before they give up.

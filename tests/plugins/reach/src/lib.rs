@@ -4,6 +4,10 @@
 //! otherwise tries 127.0.0.1:9, which no provider grants. Builds have no provider, so a
 //! build's request is always refused.
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 wit_bindgen::generate!({
     path: "../../../wit",
     world: "plugin",
@@ -17,6 +21,9 @@ use exports::conductor::provider::provider::Guest;
 
 struct Reach;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 export!(Reach);
 
 /// Where a call sends its request: the provider's `url` authority, or a loopback port

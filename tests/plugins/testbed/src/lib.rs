@@ -3,6 +3,10 @@
 //! provider type can be exercised before other real plugins exist. It builds a raw
 //! image the way `mock` does, and names pushed images `Testbed_<provider>_<name>`.
 
+// Built for the host only by `cargo build --workspace`, where nothing is exported (see
+// the export below) and so nothing is used.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 wit_bindgen::generate!({
     path: "../../../wit",
     world: "plugin",
@@ -17,6 +21,9 @@ use exports::conductor::provider::provider::Guest;
 
 struct Testbed;
 
+// Exported only when built as a component: on the host (`cargo build --workspace`)
+// the export's symbol names, which hold ':' and '@', are not valid for the linker.
+#[cfg(target_arch = "wasm32")]
 export!(Testbed);
 
 impl Guest for Testbed {
