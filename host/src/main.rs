@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +89,9 @@ enum Command {
         /// The PEM private key of --tls-cert.
         #[arg(long, env = "CONDUCTOR_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        // What one client may hold.
+        #[command(flatten)]
+        edge: Box<EdgeLimits>,
     },
     /// Build, push, list, show, import and delete images on a server.
     #[command(subcommand)]
@@ -98,6 +102,39 @@ enum Command {
     /// Manage a server's provider accounts.
     #[command(subcommand)]
     Account(conductor::client::AccountCommand),
+}
+
+/// What one client may hold (connections, time to send a request): the defences of
+/// docs/security.md.
+#[derive(clap::Args)]
+struct EdgeLimits {
+    /// Connections served at once; more wait in the kernel's queue until one ends.
+    /// Lowered, with a warning, when the open-file limit leaves too little room.
+    #[arg(long, env = "CONDUCTOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// How long a client has to send a whole request head, from the start of its
+    /// connection (over TLS: after the handshake, which gets as long) or from the
+    /// previous answer.
+    #[arg(long, env = "CONDUCTOR_HEADER_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
+    header_timeout: Duration,
+    /// How long an answered connection is kept open waiting for the next request.
+    #[arg(long, env = "CONDUCTOR_KEEP_ALIVE_TIMEOUT", default_value = "5s", value_parser = nonzero_duration)]
+    keep_alive_timeout: Duration,
+    /// How long a client has to send a request body once the server reads it (408
+    /// after that).
+    #[arg(long, env = "CONDUCTOR_BODY_TIMEOUT", default_value = "30s", value_parser = nonzero_duration)]
+    body_timeout: Duration,
+}
+
+impl EdgeLimits {
+    fn connections(&self) -> conductor::connections::Limits {
+        conductor::connections::Limits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout,
+            keep_alive_timeout: self.keep_alive_timeout,
+            body_timeout: self.body_timeout,
+        }
+    }
 }
 
 /// Settings a config file may hold, each with the environment variable it stands for.
@@ -115,6 +152,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("plugin_memory_reset", "CONDUCTOR_PLUGIN_MEMORY_RESET"),
     ("tls_cert", "CONDUCTOR_TLS_CERT"),
     ("tls_key", "CONDUCTOR_TLS_KEY"),
+    ("max_connections", "CONDUCTOR_MAX_CONNECTIONS"),
+    ("header_timeout", "CONDUCTOR_HEADER_TIMEOUT"),
+    ("keep_alive_timeout", "CONDUCTOR_KEEP_ALIVE_TIMEOUT"),
+    ("body_timeout", "CONDUCTOR_BODY_TIMEOUT"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];
@@ -125,6 +166,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run())
+}
+
+/// A time for a flag where zero would make the server unusable.
+fn nonzero_duration(value: &str) -> Result<Duration, String> {
+    match conductor::plugins::parse_duration(value)? {
+        zero if zero.is_zero() => Err("must be more than zero".into()),
+        duration => Ok(duration),
+    }
 }
 
 /// Reads the config file (`--config FILE` or CONDUCTOR_CONFIG) into the environment
@@ -210,6 +259,7 @@ async fn run() -> anyhow::Result<()> {
             plugin_memory_reset,
             tls_cert,
             tls_key,
+            edge,
         } => {
             return conductor::server::serve(conductor::server::Config {
                 listen,
@@ -227,6 +277,7 @@ async fn run() -> anyhow::Result<()> {
                 plugin_limits,
                 plugin_memory_reset,
                 tls: tls_cert.zip(tls_key),
+                connections: edge.connections(),
             })
             .await;
         }

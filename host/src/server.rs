@@ -4,6 +4,7 @@
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::blobs::Blobs;
+use crate::connections;
 use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
 use crate::plugins::{Limits, MemoryReset, PluginLimit, Plugins};
@@ -33,6 +34,8 @@ pub struct Config {
     pub admin_password: Option<String>,
     /// PEM certificate chain and private key: with both, the API is served over TLS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// What one client may hold: a connection, and time to send each request.
+    pub connections: connections::Limits,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -41,6 +44,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
+    let mut limits = config.connections;
+    connections::fit_descriptors(&mut limits);
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating the data directory {}", config.data.display()))?;
     let key = credential_key(&config)?;
@@ -133,22 +138,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(DRAIN).await;
         tracing::warn!("connections still open {DRAIN:?} after the stop signal; closing them");
     };
-    match tls {
-        Some(acceptor) => {
-            tokio::select! {
-                () = serve_tls(listener, api::router(state), acceptor, stopped(stopping.clone())) => {}
-                () = drained_or_late => {}
-            }
-        }
-        None => {
-            let serve = axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(stopped(stopping.clone()))
-                .into_future();
-            tokio::select! {
-                served = serve => served?,
-                () = drained_or_late => {}
-            }
-        }
+    tokio::select! {
+        () = connections::serve(listener, api::router(state), tls, limits, stopping.clone()) => {}
+        () = drained_or_late => {}
     }
     // Running plugin calls are interrupted; their jobs stay stored and resume at the
     // next start. redb commits every change, so nothing else needs flushing.
@@ -221,62 +213,6 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// Resolves once the stop signal has come.
 async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
-}
-
-/// Serves the API over TLS until `stop`: a handshake, then HTTP/1.1, for each connection.
-/// A client that fails the handshake (or stalls in it) only loses its own connection.
-/// After `stop`, no connection is accepted and the open ones are asked to close once
-/// their request is answered; this returns when all have.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    acceptor: tokio_rustls::TlsAcceptor,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-    let open = GracefulShutdown::new();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {e}");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        // Taken before the handshake, so that a stop waits for it too (10 s at most).
-        let watcher = open.watcher();
-        tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
-            let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let builder = Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
-    drop(listener);
-    open.shutdown().await;
 }
 
 async fn shutdown_signal() {

@@ -7,6 +7,7 @@ mod client;
 mod disks;
 mod ec2;
 mod errors;
+mod exhaustion;
 mod harness;
 mod hostile_input;
 mod jobs;

@@ -18,6 +18,7 @@ mod users;
 pub mod xml;
 
 use crate::auth::{AuthError, Authenticator};
+use crate::connections::BodyDeadline;
 use crate::jobs::Jobs;
 use crate::model::{Action, Progress, User};
 use crate::plugins::Plugins;
@@ -30,6 +31,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest request body accepted; templates and push requests are a few KiB.
 pub const MAX_BODY: usize = 1 << 20;
@@ -411,7 +413,8 @@ async fn metrics() -> Response {
 /// What every request passes through before routing, in this order: its request id and
 /// the span its log lines carry ([`request_id`]), the `/conductor` prefix and format
 /// suffixes ([`rewrite_path`]), the body limit ([`too_large`]) and, for `/api`, the
-/// credentials ([`authenticate`]). One layer, not four: each layer costs a boxed clone
+/// credentials ([`authenticate`]); after the handler, a body that came too slowly
+/// ([`body_too_slow`]). One layer, not four: each layer costs a boxed clone
 /// of the service behind it on every request, which was about a sixth of the cost of a GET
 /// answered from memory.
 async fn edge(State(state): State<Shared>, request: Request, next: Next) -> Response {
@@ -436,10 +439,15 @@ async fn edge(State(state): State<Shared>, request: Request, next: Next) -> Resp
         {
             refused
         } else {
+            let deadline = request.extensions().get::<BodyDeadline>().cloned();
             let response = next.run(request).await;
-            // A chunked body has no length to check up front; the body limit cuts it
-            // off with a plain-text 413, which is put into the API's error format here.
-            if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_xml(&response) {
+            // A body that missed its deadline failed the handler's read: the client is
+            // told that, not that its request was malformed. A chunked body has no
+            // length to check up front; the body limit cuts it off with a plain-text
+            // 413, which is put into the API's error format here.
+            if let Some(deadline) = deadline.filter(BodyDeadline::passed) {
+                body_too_slow(deadline.after)
+            } else if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_xml(&response) {
                 request_too_large()
             } else {
                 response
@@ -522,6 +530,16 @@ fn request_too_large() -> Response {
         StatusCode::PAYLOAD_TOO_LARGE,
         "RequestTooLarge",
         format!("The request body is larger than the {MAX_BODY} bytes this server accepts"),
+    )
+    .into_response()
+}
+
+/// 408: the connection layer's body deadline passed while the handler read the body.
+fn body_too_slow(after: Duration) -> Response {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "RequestTimeout",
+        format!("The request body did not arrive in full within {after:?}; send it without pauses"),
     )
     .into_response()
 }
