@@ -89,7 +89,7 @@ enum Command {
         /// The PEM private key of --tls-cert.
         #[arg(long, env = "CONDUCTOR_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
-        // What one client may hold.
+        // What one client may hold and how password checks are bounded.
         #[command(flatten)]
         edge: Box<EdgeLimits>,
     },
@@ -104,8 +104,8 @@ enum Command {
     Account(conductor::client::AccountCommand),
 }
 
-/// What one client may hold (connections, time to send a request): the defences of
-/// docs/security.md.
+/// What one client may hold (connections, time to send a request) and how password
+/// checks are bounded: the defences of docs/security.md.
 #[derive(clap::Args)]
 struct EdgeLimits {
     /// Connections served at once; more wait in the kernel's queue until one ends.
@@ -124,6 +124,21 @@ struct EdgeLimits {
     /// after that).
     #[arg(long, env = "CONDUCTOR_BODY_TIMEOUT", default_value = "30s", value_parser = nonzero_duration)]
     body_timeout: Duration,
+    /// Password checks (argon2, about 19 MiB each) run at once, and as many again for
+    /// credentials that proved themselves before; default: twice the number of cores.
+    #[arg(long, env = "CONDUCTOR_LOGIN_CHECKS")]
+    login_checks: Option<usize>,
+    /// How long a login waits for a free password check before it is refused (503).
+    #[arg(long, env = "CONDUCTOR_LOGIN_CHECK_WAIT", default_value = "5s", value_parser = conductor::plugins::parse_duration)]
+    login_check_wait: Duration,
+    /// Wrong passwords a client address, or a user name, may send before each further
+    /// attempt must wait (1 s, then twice as long each time; 429 until then); 0 turns
+    /// the waits off.
+    #[arg(long, env = "CONDUCTOR_LOGIN_FAILURES", default_value_t = 5)]
+    login_failures: u32,
+    /// The longest wait after wrong passwords.
+    #[arg(long, env = "CONDUCTOR_LOGIN_MAX_WAIT", default_value = "5m", value_parser = nonzero_duration)]
+    login_max_wait: Duration,
 }
 
 impl EdgeLimits {
@@ -133,6 +148,17 @@ impl EdgeLimits {
             header_timeout: self.header_timeout,
             keep_alive_timeout: self.keep_alive_timeout,
             body_timeout: self.body_timeout,
+        }
+    }
+
+    fn logins(&self) -> conductor::auth::LoginLimits {
+        conductor::auth::LoginLimits {
+            checks: self
+                .login_checks
+                .unwrap_or_else(|| conductor::auth::LoginLimits::default().checks),
+            check_wait: self.login_check_wait,
+            free_failures: self.login_failures,
+            max_wait: self.login_max_wait,
         }
     }
 }
@@ -156,6 +182,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("header_timeout", "CONDUCTOR_HEADER_TIMEOUT"),
     ("keep_alive_timeout", "CONDUCTOR_KEEP_ALIVE_TIMEOUT"),
     ("body_timeout", "CONDUCTOR_BODY_TIMEOUT"),
+    ("login_checks", "CONDUCTOR_LOGIN_CHECKS"),
+    ("login_check_wait", "CONDUCTOR_LOGIN_CHECK_WAIT"),
+    ("login_failures", "CONDUCTOR_LOGIN_FAILURES"),
+    ("login_max_wait", "CONDUCTOR_LOGIN_MAX_WAIT"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];
@@ -278,6 +308,7 @@ async fn run() -> anyhow::Result<()> {
                 plugin_memory_reset,
                 tls: tls_cert.zip(tls_key),
                 connections: edge.connections(),
+                logins: edge.logins(),
             })
             .await;
         }

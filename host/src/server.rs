@@ -2,7 +2,7 @@
 //! interrupted jobs, and serves the API until told to stop.
 
 use crate::api::{self, AppState};
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, Authenticator, LoginLimits};
 use crate::blobs::Blobs;
 use crate::connections;
 use crate::jobs::{Concurrency, Jobs, Paths};
@@ -36,6 +36,8 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// What one client may hold: a connection, and time to send each request.
     pub connections: connections::Limits,
+    /// How many password checks run at once, and how wrong passwords are slowed down.
+    pub logins: LoginLimits,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -104,7 +106,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         store: store.clone(),
         plugins,
-        auth: Arc::new(Authenticator::new(store)),
+        auth: Arc::new(Authenticator::new(store, config.logins)?),
         jobs: jobs.clone(),
         external_url: config.external_url.clone(),
         import_dir: config.import_dir.clone(),

@@ -1,11 +1,11 @@
-//! Clients that try to wear the server out rather than break in: connections opened
-//! and left idle, request heads and bodies trickled a byte at a time. Each must cost the
-//! server a bounded amount, and the server must go on answering everyone else
-//! (docs/security.md).
+//! Clients that try to wear the server out rather than break in: wrong passwords sent
+//! as fast as the server hashes them, connections opened and left idle, request heads
+//! and bodies trickled a byte at a time. Each must cost the server a bounded amount,
+//! and the server must go on answering everyone else (docs/security.md).
 //!
 //! Nothing here times the server against a budget: the tests look for what a user would
-//! see (a closed connection, `/healthz` answering, a 408) within deadlines far longer
-//! than the limits they set by flag.
+//! see (a 429, a 503, a closed connection, `/healthz` answering) within deadlines far
+//! longer than the limits they set by flag.
 
 use crate::harness::{PASSWORD, Server};
 use std::io::{Read, Write};
@@ -21,6 +21,26 @@ fn basic(user: &str, password: &str) -> String {
     )
 }
 
+/// A GET of `/api/images` with this `Authorization` header: status, `Retry-After` and
+/// body.
+async fn get_images(server: &Server, authorization: &str) -> (u16, Option<u64>, String) {
+    let response = server
+        .request(reqwest::Method::GET, "/api/images")
+        .header("Authorization", authorization)
+        .header("Accept", "application/xml")
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("an answer");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (status, retry_after, response.text().await.expect("body"))
+}
+
 /// The code and message of an `<error>` document.
 fn error_of(body: &str) -> (String, String) {
     let doc = roxmltree::Document::parse(body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -32,6 +52,18 @@ fn error_of(body: &str) -> (String, String) {
             .to_owned()
     };
     (text("code"), text("message"))
+}
+
+/// The server's resident memory, from /proc.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
 }
 
 /// How many files (sockets included) the server has open.
@@ -117,6 +149,184 @@ fn healthz(server: &Server, limit: Duration) -> Option<String> {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn wrong_passwords_make_their_address_wait_but_not_a_known_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(dir.path(), &[]);
+    let good = basic("admin", PASSWORD);
+    assert_eq!(get_images(&server, &good).await.0, 200);
+
+    // A guesser from the same address: a few wrong passwords are merely refused, then
+    // the server stops checking them and says why and for how long.
+    let mut throttled = None;
+    for attempt in 0..20 {
+        let (status, retry_after, body) =
+            get_images(&server, &basic("admin", &format!("guess-{attempt}"))).await;
+        match status {
+            401 => continue,
+            429 => {
+                throttled = Some((retry_after, body));
+                break;
+            }
+            other => panic!("a wrong password got {other}: {body}"),
+        }
+    }
+    let (retry_after, body) = throttled.expect("no 429 after 20 wrong passwords");
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+    let (code, message) = error_of(&body);
+    assert_eq!(code, "TooManyLoginFailures");
+    assert!(message.contains("wrong passwords"), "{message}");
+    // An unknown user from that address waits too: the address is the culprit.
+    let (status, _, body) = get_images(&server, &basic("nobody", "x")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(error_of(&body).1.contains("address"), "{body}");
+
+    // The administrator, logged in a moment ago, is answered as before...
+    assert_eq!(get_images(&server, &good).await.0, 200);
+    // ...and so is a header for the same credentials that the server has not seen
+    // (spaces around the name), which must be checked again: the credentials proved
+    // themselves before, so they do not wait for the guesser's failures.
+    let fresh = basic(" admin ", PASSWORD);
+    assert_eq!(get_images(&server, &fresh).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_user_name_under_attack_from_many_addresses_waits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(dir.path(), &[]);
+    // Every address of 127.0.0.0/8 is this machine's: a guesser with many addresses,
+    // each with failures to spare.
+    let mut throttled = None;
+    for attempt in 0..20u8 {
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, 10 + attempt]))
+            .build()
+            .expect("client");
+        let response = client
+            .get(format!("{}/api/images", server.url))
+            .header("Authorization", basic("admin", &format!("guess-{attempt}")))
+            .send()
+            .await
+            .expect("an answer");
+        if response.status().as_u16() == 429 {
+            throttled = Some(response.text().await.expect("body"));
+            break;
+        }
+        assert_eq!(response.status().as_u16(), 401);
+    }
+    let body = throttled.expect("no 429 after 20 wrong passwords from 20 addresses");
+    let (code, message) = error_of(&body);
+    assert_eq!(code, "TooManyLoginFailures");
+    assert!(message.contains("user name"), "{message}");
+}
+
+#[tokio::test]
+async fn an_unknown_user_costs_what_a_known_one_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(dir.path(), &["--login-failures", "0"]);
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for attempt in 0..7 {
+        for (user, times) in [("admin", &mut known), ("nobody", &mut unknown)] {
+            let started = Instant::now();
+            let response = server
+                .request(reqwest::Method::GET, "/api/images")
+                .basic_auth(user, Some(format!("wrong-{attempt}")))
+                .send()
+                .await
+                .expect("an answer");
+            times.push(started.elapsed());
+            // Refused the same way: nothing tells the two apart but time.
+            assert_eq!(response.status().as_u16(), 401, "{user}");
+            assert!(response.headers().contains_key("www-authenticate"));
+            assert_eq!(response.text().await.expect("body"), "", "{user}");
+        }
+    }
+    known.sort();
+    unknown.sort();
+    let (known, unknown) = (known[known.len() / 2], unknown[unknown.len() / 2]);
+    // A password check costs tens of milliseconds and a lookup alone a fraction of
+    // one: without the decoy check the ratio is 20 or more. The margin is for noise.
+    assert!(
+        known < unknown * 5,
+        "a wrong password took {known:?} (median) for a known user, {unknown:?} for an unknown one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_passwords_keeps_memory_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The failure limits off and a short wait for a check: only the bound on checks
+    // running at once (4, whatever the machine's cores) stands between 64 guessers and
+    // the server's memory.
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            "--login-failures",
+            "0",
+            "--login-checks",
+            "4",
+            "--login-check-wait",
+            "200ms",
+        ],
+    );
+    let pid = server.pid();
+    let before = resident_bytes(pid);
+    let url = format!("{}/api/images", server.url);
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    let mut guessers = Vec::new();
+    for guesser in 0..64 {
+        let url = url.clone();
+        guessers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut busy = 0;
+            let mut attempt = 0;
+            while Instant::now() < stop_at {
+                attempt += 1;
+                let response = client
+                    .get(&url)
+                    .basic_auth("admin", Some(format!("guess-{guesser}-{attempt}")))
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await
+                    .expect("an answer");
+                match response.status().as_u16() {
+                    401 => {}
+                    503 => {
+                        assert!(response.headers().contains_key("retry-after"));
+                        let body = response.text().await.expect("body");
+                        assert_eq!(error_of(&body).0, "ServerBusy", "{body}");
+                        busy += 1;
+                    }
+                    other => panic!("a wrong password got {other}"),
+                }
+            }
+            busy
+        }));
+    }
+    let mut peak = before;
+    while guessers.iter().any(|g| !g.is_finished()) {
+        peak = peak.max(resident_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut busy = 0;
+    for guesser in guessers {
+        busy += guesser.await.expect("guesser");
+    }
+    // 64 checks at once take 64 times argon2's 19 MiB, over 1 GiB; 4 take 76 MiB. The
+    // bound leaves room for the allocator, not for checks that each bring their own
+    // memory (that grew the server by 800 MiB).
+    assert!(
+        peak < 512 << 20,
+        "the server grew from {} MiB to {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(busy > 0, "64 guessers never found every check taken");
+    // The administrator gets in once the flood is over.
+    assert_eq!(server.get("/api/images").await.status, 200);
 }
 
 #[test]
