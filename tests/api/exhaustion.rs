@@ -193,6 +193,29 @@ async fn wrong_passwords_make_their_address_wait_but_not_a_known_client() {
 }
 
 #[tokio::test]
+async fn wrong_passwords_count_when_the_guesser_hangs_up_before_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One check at a time: a login waits for every check before it to be counted.
+    let server = Server::start_with(dir.path(), &["--login-checks", "1"]);
+    // Guesses given up 50 ms after they were sent, once their check has started; the
+    // pause lets each check finish before the next guess.
+    for attempt in 0..10 {
+        let _ = server
+            .request(reqwest::Method::GET, "/api/images")
+            .basic_auth("admin", Some(format!("guess-{attempt}")))
+            .timeout(Duration::from_millis(50))
+            .send()
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The right password, never seen before, from the guesser's address: the address
+    // has failed ten times, answers or not.
+    let (status, retry_after, body) = get_images(&server, &basic("admin", PASSWORD)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(retry_after.is_some());
+}
+
+#[tokio::test]
 async fn a_user_name_under_attack_from_many_addresses_waits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start_with(dir.path(), &[]);
@@ -326,6 +349,53 @@ async fn a_flood_of_wrong_passwords_keeps_memory_bounded() {
     );
     assert!(busy > 0, "64 guessers never found every check taken");
     // The administrator gets in once the flood is over.
+    assert_eq!(server.get("/api/images").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessers_that_hang_up_do_not_escape_the_bound_on_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(
+        dir.path(),
+        &["--login-failures", "0", "--login-checks", "4"],
+    );
+    let pid = server.pid();
+    let before = resident_bytes(pid);
+    let url = format!("{}/api/images", server.url);
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    // Each guess is given up after 50 ms, long before its check ends: a check that
+    // stopped counting against the bound when its client left would pile up.
+    let mut guessers = Vec::new();
+    for guesser in 0..32 {
+        let url = url.clone();
+        guessers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut attempt = 0;
+            while Instant::now() < stop_at {
+                attempt += 1;
+                let _ = client
+                    .get(&url)
+                    .basic_auth("admin", Some(format!("guess-{guesser}-{attempt}")))
+                    .timeout(Duration::from_millis(50))
+                    .send()
+                    .await;
+            }
+        }));
+    }
+    let mut peak = before;
+    while guessers.iter().any(|g| !g.is_finished()) {
+        peak = peak.max(resident_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for guesser in guessers {
+        guesser.await.expect("guesser");
+    }
+    assert!(
+        peak < 512 << 20,
+        "the server grew from {} MiB to {} MiB",
+        before >> 20,
+        peak >> 20
+    );
     assert_eq!(server.get("/api/images").await.status, 200);
 }
 

@@ -129,7 +129,7 @@ pub struct Authenticator {
     decoy: String,
     /// Permits to run a check: the first lane for any credentials, the second for
     /// vouched ones, so a flood of guesses cannot keep a known client waiting.
-    lanes: [Semaphore; 2],
+    lanes: [Arc<Semaphore>; 2],
     /// argon2 working memory, one per check running, kept for the next check: at most
     /// as many as both lanes have permits.
     memory: Mutex<Vec<Vec<Block>>>,
@@ -146,7 +146,10 @@ impl Authenticator {
             verified: Mutex::new(HashMap::new()),
             vouched: Mutex::new(HashMap::new()),
             decoy: hash_password(&generate_password())?,
-            lanes: [Semaphore::new(checks), Semaphore::new(checks)],
+            lanes: [
+                Arc::new(Semaphore::new(checks)),
+                Arc::new(Semaphore::new(checks)),
+            ],
             memory: Mutex::new(Vec::new()),
             failures: Mutex::new(Failures::new(&limits)),
             limits,
@@ -180,8 +183,8 @@ impl Authenticator {
         if !vouched {
             self.may_try(client, &name)?;
         }
-        let lane = &self.lanes[usize::from(vouched)];
-        let _permit = tokio::time::timeout(self.limits.check_wait, lane.acquire())
+        let lane = self.lanes[usize::from(vouched)].clone();
+        let permit = tokio::time::timeout(self.limits.check_wait, lane.acquire_owned())
             .await
             .map_err(|_| AuthError::Busy)?
             .map_err(|_| AuthError::Busy)?;
@@ -189,17 +192,25 @@ impl Authenticator {
         if !vouched {
             self.may_try(client, &name)?;
         }
-        let checked = {
-            let (this, name) = (self.clone(), name.clone());
-            tokio::task::spawn_blocking(move || this.check_password(&name, &password))
-                .await
-                .map_err(|e| AuthError::Hash(e.to_string()))??
-        };
+        // The permit and the count of failures go with the check, not with this
+        // future: a client that hangs up drops the future, but its check runs on to the
+        // end, and is counted, so hanging up neither escapes the bound nor the waits.
+        let this = self.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let checked = this.check_password(&name, &password);
+            match &checked {
+                Ok(Some(_)) => lock(&this.failures).succeeded(client),
+                Ok(None) => lock(&this.failures).failed(client, &name, Instant::now()),
+                Err(_) => {}
+            }
+            drop(permit);
+            checked
+        })
+        .await
+        .map_err(|e| AuthError::Hash(e.to_string()))??;
         let Some(user) = checked else {
-            lock(&self.failures).failed(client, &name, Instant::now());
             return Err(AuthError::Invalid);
         };
-        lock(&self.failures).succeeded(client);
         self.vouch(credentials);
         let user = Arc::new(user);
         let mut cache = lock(&self.verified);
