@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod client;
+pub mod connections;
 pub mod fetch;
 pub mod jobs;
 pub mod metrics;

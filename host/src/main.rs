@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -105,6 +106,9 @@ enum Command {
         /// Seconds a download may go without receiving anything before it fails.
         #[arg(long, env = "CONDUCTOR_FETCH_STALL", default_value_t = 60)]
         fetch_stall: u64,
+        // What one client may hold and how password checks are bounded.
+        #[command(flatten)]
+        edge: Box<EdgeLimits>,
     },
     /// Build, push, list, show, import and delete images on a server.
     #[command(subcommand)]
@@ -115,6 +119,65 @@ enum Command {
     /// Manage a server's provider accounts.
     #[command(subcommand)]
     Account(conductor::client::AccountCommand),
+}
+
+/// What one client may hold (connections, time to send a request) and how password
+/// checks are bounded: the defences of docs/security.md.
+#[derive(clap::Args)]
+struct EdgeLimits {
+    /// Connections served at once; more wait in the kernel's queue until one ends.
+    /// Lowered, with a warning, when the open-file limit leaves too little room.
+    #[arg(long, env = "CONDUCTOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// How long a client has to send a whole request head, from the start of its
+    /// connection (over TLS: after the handshake, which gets as long) or from the
+    /// previous answer.
+    #[arg(long, env = "CONDUCTOR_HEADER_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
+    header_timeout: Duration,
+    /// How long an answered connection is kept open waiting for the next request.
+    #[arg(long, env = "CONDUCTOR_KEEP_ALIVE_TIMEOUT", default_value = "5s", value_parser = nonzero_duration)]
+    keep_alive_timeout: Duration,
+    /// How long a client has to send a request body once the server reads it (408
+    /// after that).
+    #[arg(long, env = "CONDUCTOR_BODY_TIMEOUT", default_value = "30s", value_parser = nonzero_duration)]
+    body_timeout: Duration,
+    /// Password checks (argon2, about 19 MiB each) run at once, and as many again for
+    /// credentials that proved themselves before; default: twice the number of cores.
+    #[arg(long, env = "CONDUCTOR_LOGIN_CHECKS")]
+    login_checks: Option<usize>,
+    /// How long a login waits for a free password check before it is refused (503).
+    #[arg(long, env = "CONDUCTOR_LOGIN_CHECK_WAIT", default_value = "5s", value_parser = conductor::plugins::parse_duration)]
+    login_check_wait: Duration,
+    /// Wrong passwords a client address, or a user name, may send before each further
+    /// attempt must wait (1 s, then twice as long each time; 429 until then); 0 turns
+    /// the waits off.
+    #[arg(long, env = "CONDUCTOR_LOGIN_FAILURES", default_value_t = 5)]
+    login_failures: u32,
+    /// The longest wait after wrong passwords.
+    #[arg(long, env = "CONDUCTOR_LOGIN_MAX_WAIT", default_value = "5m", value_parser = nonzero_duration)]
+    login_max_wait: Duration,
+}
+
+impl EdgeLimits {
+    fn connections(&self) -> conductor::connections::Limits {
+        conductor::connections::Limits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout,
+            keep_alive_timeout: self.keep_alive_timeout,
+            body_timeout: self.body_timeout,
+        }
+    }
+
+    fn logins(&self) -> conductor::auth::LoginLimits {
+        conductor::auth::LoginLimits {
+            checks: self
+                .login_checks
+                .unwrap_or_else(|| conductor::auth::LoginLimits::default().checks),
+            check_wait: self.login_check_wait,
+            free_failures: self.login_failures,
+            max_wait: self.login_max_wait,
+        }
+    }
 }
 
 /// Settings a config file may hold, each with the environment variable it stands for.
@@ -136,6 +199,14 @@ const SETTINGS: &[(&str, &str)] = &[
     ("max_image_size", "CONDUCTOR_MAX_IMAGE_SIZE"),
     ("fetch_timeout", "CONDUCTOR_FETCH_TIMEOUT"),
     ("fetch_stall", "CONDUCTOR_FETCH_STALL"),
+    ("max_connections", "CONDUCTOR_MAX_CONNECTIONS"),
+    ("header_timeout", "CONDUCTOR_HEADER_TIMEOUT"),
+    ("keep_alive_timeout", "CONDUCTOR_KEEP_ALIVE_TIMEOUT"),
+    ("body_timeout", "CONDUCTOR_BODY_TIMEOUT"),
+    ("login_checks", "CONDUCTOR_LOGIN_CHECKS"),
+    ("login_check_wait", "CONDUCTOR_LOGIN_CHECK_WAIT"),
+    ("login_failures", "CONDUCTOR_LOGIN_FAILURES"),
+    ("login_max_wait", "CONDUCTOR_LOGIN_MAX_WAIT"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];
@@ -151,6 +222,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run())
+}
+
+/// A time for a flag where zero would make the server unusable.
+fn nonzero_duration(value: &str) -> Result<Duration, String> {
+    match conductor::plugins::parse_duration(value)? {
+        zero if zero.is_zero() => Err("must be more than zero".into()),
+        duration => Ok(duration),
+    }
 }
 
 /// Reads the config file (`--config FILE` or CONDUCTOR_CONFIG) into the environment
@@ -240,6 +319,7 @@ async fn run() -> anyhow::Result<()> {
             max_image_size,
             fetch_timeout,
             fetch_stall,
+            edge,
         } => {
             let mut fetch = conductor::fetch::FetchPolicy::default()
                 .allow(&fetch_allow)
@@ -265,6 +345,8 @@ async fn run() -> anyhow::Result<()> {
                 plugin_memory_reset,
                 tls: tls_cert.zip(tls_key),
                 fetch,
+                connections: edge.connections(),
+                logins: edge.logins(),
             })
             .await;
         }

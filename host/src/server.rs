@@ -2,8 +2,9 @@
 //! interrupted jobs, and serves the API until told to stop.
 
 use crate::api::{self, AppState};
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, Authenticator, LoginLimits};
 use crate::blobs::Blobs;
+use crate::connections;
 use crate::fetch::FetchPolicy;
 use crate::jobs::{Concurrency, Jobs, Paths};
 use crate::model::{Account, DEFAULT_ENVIRONMENT, Provider, User};
@@ -37,6 +38,10 @@ pub struct Config {
     /// What the server fetches for users (base images, webhooks) may reach, and how
     /// large an image may be.
     pub fetch: FetchPolicy,
+    /// What one client may hold: a connection, and time to send each request.
+    pub connections: connections::Limits,
+    /// How many password checks run at once, and how wrong passwords are slowed down.
+    pub logins: LoginLimits,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -50,6 +55,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // an earlier release wrote with wider modes are out of reach as well.
     // SAFETY: umask only sets the process's file mode mask.
     unsafe { libc::umask(0o077) };
+    let mut limits = config.connections;
+    connections::fit_descriptors(&mut limits);
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating the data directory {}", config.data.display()))?;
     {
@@ -115,7 +122,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         store: store.clone(),
         plugins,
-        auth: Arc::new(Authenticator::new(store)),
+        auth: Arc::new(Authenticator::new(store, config.logins)?),
         jobs: jobs.clone(),
         external_url: config.external_url.clone(),
         import_dir: config.import_dir.clone(),
@@ -150,22 +157,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(DRAIN).await;
         tracing::warn!("connections still open {DRAIN:?} after the stop signal; closing them");
     };
-    match tls {
-        Some(acceptor) => {
-            tokio::select! {
-                () = serve_tls(listener, api::router(state), acceptor, stopped(stopping.clone())) => {}
-                () = drained_or_late => {}
-            }
-        }
-        None => {
-            let serve = axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(stopped(stopping.clone()))
-                .into_future();
-            tokio::select! {
-                served = serve => served?,
-                () = drained_or_late => {}
-            }
-        }
+    tokio::select! {
+        () = connections::serve(listener, api::router(state), tls, limits, stopping.clone()) => {}
+        () = drained_or_late => {}
     }
     // Running plugin calls are interrupted; their jobs stay stored and resume at the
     // next start. redb commits every change, so nothing else needs flushing.
@@ -238,62 +232,6 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// Resolves once the stop signal has come.
 async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
-}
-
-/// Serves the API over TLS until `stop`: a handshake, then HTTP/1.1, for each connection.
-/// A client that fails the handshake (or stalls in it) only loses its own connection.
-/// After `stop`, no connection is accepted and the open ones are asked to close once
-/// their request is answered; this returns when all have.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    acceptor: tokio_rustls::TlsAcceptor,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-    let open = GracefulShutdown::new();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {e}");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        // Taken before the handshake, so that a stop waits for it too (10 s at most).
-        let watcher = open.watcher();
-        tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
-            let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let builder = Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
-    drop(listener);
-    open.shutdown().await;
 }
 
 async fn shutdown_signal() {

@@ -354,22 +354,30 @@ async fn health_metrics_request_ids_and_json_logs() {
         .wait_terminal(&format!("/api/target_images/{ti}"))
         .await;
     assert_eq!(done.text("status"), "COMPLETE");
-    let metrics = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    for line in [
-        "conductor_http_requests_total{method=\"POST\",status=\"200\"} 1",
-        "conductor_jobs_finished_total{kind=\"build\",outcome=\"ok\"} 1",
-        "conductor_plugin_calls_total{target=\"mock\",call=\"build\"} 1",
-        "conductor_job_duration_seconds_count{kind=\"build\"} 1",
-        "conductor_jobs_running{kind=\"build\"} 0",
-        "conductor_jobs_waiting{kind=\"build\"} 0",
-    ] {
-        assert!(metrics.contains(line), "no {line} in:\n{metrics}");
-    }
+    // The job's counters are written just after its status, so they are polled for.
+    let metrics_url = format!("{}/metrics", server.url);
+    eventually(std::time::Duration::from_secs(10), async || {
+        let metrics = reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        for line in [
+            "conductor_http_requests_total{method=\"POST\",status=\"200\"} 1",
+            "conductor_jobs_finished_total{kind=\"build\",outcome=\"ok\"} 1",
+            "conductor_plugin_calls_total{target=\"mock\",call=\"build\"} 1",
+            "conductor_job_duration_seconds_count{kind=\"build\"} 1",
+            "conductor_jobs_running{kind=\"build\"} 0",
+            "conductor_jobs_waiting{kind=\"build\"} 0",
+        ] {
+            if !metrics.contains(line) {
+                return Err(format!("no {line} in:\n{metrics}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
 
     // Every log line is a JSON object, and the tagged request's lines carry its id.
     eventually(std::time::Duration::from_secs(10), async || {

@@ -77,12 +77,12 @@ impl Server {
 
     /// Starts a server whose bootstrap admin has this password.
     pub fn start_as(data: &Path, args: &[&str], password: &str) -> Server {
-        Server::spawn(data, args, password, None)
+        Server::spawn(data, args, password, None, None)
     }
 
     /// Starts a server that logs everything (debug level) into `log`.
     pub fn start_logging(data: &Path, args: &[&str], log: &Path) -> Server {
-        Server::spawn(data, args, PASSWORD, Some(log))
+        Server::spawn(data, args, PASSWORD, Some(log), None)
     }
 
     /// Starts a server that may write no file larger than `max_file` bytes (as on a file
@@ -107,8 +107,37 @@ impl Server {
         Server::spawn_command(command, data, args, PASSWORD, None)
     }
 
-    fn spawn(data: &Path, args: &[&str], password: &str, log: Option<&Path>) -> Server {
-        let command = Command::new(env!("CARGO_BIN_EXE_conductor"));
+    /// Starts a server whose soft limit of open files is `open_files` when it starts.
+    pub fn start_with_open_files(data: &Path, args: &[&str], open_files: u64) -> Server {
+        Server::spawn(data, args, PASSWORD, None, Some(open_files))
+    }
+
+    fn spawn(
+        data: &Path,
+        args: &[&str],
+        password: &str,
+        log: Option<&Path>,
+        open_files: Option<u64>,
+    ) -> Server {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conductor"));
+        if let Some(open_files) = open_files {
+            // SAFETY: between fork and exec only getrlimit and setrlimit run, which are
+            // async-signal-safe and touch nothing but their arguments.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                        limit.rlim_cur = open_files.min(limit.rlim_max);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    }
+                    Ok(())
+                });
+            }
+        }
         Server::spawn_command(command, data, args, password, log)
     }
 
@@ -171,6 +200,18 @@ impl Server {
             body,
             content_type,
         }
+    }
+
+    /// The `host:port` the server listens on, for clients that speak TCP themselves.
+    pub fn address(&self) -> &str {
+        self.url
+            .split_once("://")
+            .map_or(&self.url, |(_, address)| address)
+    }
+
+    /// The server's process id, to read what it holds from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -8,6 +8,7 @@ mod conductor_quirks;
 mod disks;
 mod ec2;
 mod errors;
+mod exhaustion;
 mod harness;
 mod hostile_input;
 mod hostile_tenants;

@@ -18,19 +18,22 @@ mod target_images;
 mod users;
 pub mod xml;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Culprit};
+use crate::connections::BodyDeadline;
 use crate::jobs::Jobs;
 use crate::model::{Action, Progress, User};
 use crate::plugins::Plugins;
 use crate::store::{Store, StoreError};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest request body accepted; templates and push requests are a few KiB.
 pub const MAX_BODY: usize = 1 << 20;
@@ -450,7 +453,8 @@ async fn metrics() -> Response {
 /// What every request passes through before routing, in this order: its request id and
 /// the span its log lines carry ([`request_id`]), the `/conductor` prefix and format
 /// suffixes ([`rewrite_path`]), the body limit ([`too_large`]) and, for `/api`, the
-/// credentials ([`authenticate`]). One layer, not four: each layer costs a boxed clone
+/// credentials ([`authenticate`]); after the handler, a body that came too slowly
+/// ([`body_too_slow`]). One layer, not four: each layer costs a boxed clone
 /// of the service behind it on every request, which was about a sixth of the cost of a GET
 /// answered from memory.
 async fn edge(State(state): State<Shared>, request: Request, next: Next) -> Response {
@@ -475,10 +479,15 @@ async fn edge(State(state): State<Shared>, request: Request, next: Next) -> Resp
         {
             refused
         } else {
+            let deadline = request.extensions().get::<BodyDeadline>().cloned();
             let response = next.run(request).await;
-            // A chunked body has no length to check up front; the body limit cuts it
-            // off with a plain-text 413, which is put into the API's error format here.
-            if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_xml(&response) {
+            // A body that missed its deadline failed the handler's read: the client is
+            // told that, not that its request was malformed. A chunked body has no
+            // length to check up front; the body limit cuts it off with a plain-text
+            // 413, which is put into the API's error format here.
+            if let Some(deadline) = deadline.filter(BodyDeadline::passed) {
+                body_too_slow(deadline.after)
+            } else if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_xml(&response) {
                 request_too_large()
             } else {
                 response
@@ -561,6 +570,16 @@ fn request_too_large() -> Response {
         StatusCode::PAYLOAD_TOO_LARGE,
         "RequestTooLarge",
         format!("The request body is larger than the {MAX_BODY} bytes this server accepts"),
+    )
+    .into_response()
+}
+
+/// 408: the connection layer's body deadline passed while the handler read the body.
+fn body_too_slow(after: Duration) -> Response {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "RequestTimeout",
+        format!("The request body did not arrive in full within {after:?}; send it without pauses"),
     )
     .into_response()
 }
@@ -672,30 +691,35 @@ async fn as_json(response: Response) -> Response {
 
 /// Every `/api` request needs valid Basic credentials: 401 with an empty body otherwise.
 /// The challenge header is a deliberate addition that helps generic HTTP clients. The
-/// user proven is put into the request for the handlers.
+/// user proven is put into the request for the handlers. Credentials the server will not
+/// check now get 429 (too many wrong passwords from the address or for the user name) or
+/// 503 (every check taken), with `Retry-After`.
 async fn authenticate(state: &AppState, request: &mut Request) -> Result<(), Response> {
-    // A header verified a moment ago is answered from memory; only a new one pays for
-    // argon2, on the blocking pool. No header at all is refused here.
+    // A header verified a moment ago is answered from memory and never limited; only a
+    // new one pays for argon2, within the limits the authenticator keeps.
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
     let outcome = match header {
-        None => Ok(Err(AuthError::Missing)),
+        None => Err(AuthError::Missing),
         Some(header) => match state.auth.remembered(header) {
-            Some(user) => Ok(Ok(user)),
+            Some(user) => Ok(user),
             None => {
-                let (auth, header) = (state.auth.clone(), header.to_owned());
-                tokio::task::spawn_blocking(move || auth.authenticate(Some(&header))).await
+                let client = request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|ConnectInfo(peer)| peer.ip());
+                state.auth.authenticate(header, client).await
             }
         },
     };
     match outcome {
-        Ok(Ok(user)) => {
+        Ok(user) => {
             request.extensions_mut().insert(CurrentUser(user));
             Ok(())
         }
-        Ok(Err(AuthError::Missing | AuthError::Invalid)) => {
+        Err(AuthError::Missing | AuthError::Invalid) => {
             let mut response =
                 (StatusCode::UNAUTHORIZED, xml_headers(), Body::empty()).into_response();
             response.headers_mut().insert(
@@ -704,9 +728,47 @@ async fn authenticate(state: &AppState, request: &mut Request) -> Result<(), Res
             );
             Err(response)
         }
-        Ok(Err(e)) => Err(ApiError::internal(e).into_response()),
+        Err(AuthError::Throttled {
+            culprit,
+            retry_after,
+        }) => {
+            let seconds = whole_seconds(retry_after);
+            let whose = match culprit {
+                Culprit::Address => "came from your address",
+                Culprit::User => "were sent for this user name",
+            };
+            let error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyLoginFailures",
+                format!("Too many wrong passwords {whose}; try again in {seconds} s."),
+            );
+            Err(retry_after_seconds(error, seconds))
+        }
+        Err(AuthError::Busy) => {
+            let error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServerBusy",
+                "The server is checking too many passwords at the moment; try again shortly.",
+            );
+            Err(retry_after_seconds(error, 1))
+        }
         Err(e) => Err(ApiError::internal(e).into_response()),
     }
+}
+
+/// A wait in whole seconds, rounded up: `Retry-After` has no fractions, and a client
+/// that comes back early is only refused again.
+fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// The error with a `Retry-After` header.
+fn retry_after_seconds(error: ApiError, seconds: u64) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 /// The authenticated user of a request.

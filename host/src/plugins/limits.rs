@@ -185,8 +185,9 @@ fn parse_bytes(value: &str) -> Result<u64, String> {
         })
 }
 
-/// `30s`, `500ms`, `10m`, `1h`, or a number of seconds.
-fn parse_duration(value: &str) -> Result<Duration, String> {
+/// `30s`, `500ms`, `10m`, `1h`, or a number of seconds. Also the server's flags that
+/// take a time.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let split = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());

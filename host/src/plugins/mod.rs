@@ -14,7 +14,7 @@ mod limits;
 mod sandbox;
 
 pub use disk::{DiskReader, DiskWriter, create_blank};
-pub use limits::{LimitSyntaxError, Limits, PluginLimit};
+pub use limits::{LimitSyntaxError, Limits, PluginLimit, parse_duration};
 
 use crate::model::DiskFormat;
 use std::collections::BTreeMap;
