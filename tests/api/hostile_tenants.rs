@@ -824,6 +824,35 @@ async fn templates_and_lists_are_bounded() {
         .get("/api/images?page=x")
         .await
         .assert_error(400, "ParameterDataIncorrect");
+    // The other top-level lists page the same way.
+    for (path, element) in [
+        ("/api/builds", "build"),
+        ("/api/target_images", "target_image"),
+    ] {
+        let response = server
+            .request(Method::GET, &format!("{path}?page=1&per_page=2"))
+            .basic_auth("admin", Some(PASSWORD))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            response
+                .headers()
+                .get("x-total-count")
+                .and_then(|v| v.to_str().ok()),
+            Some("3"),
+            "{path}"
+        );
+        let body = response.text().await.expect("body");
+        assert_eq!(
+            body.matches(&format!("<{element} ")).count(),
+            2,
+            "{path}: {body}"
+        );
+        assert_eq!(server.get(path).await.ids(element).len(), 3, "{path}");
+    }
+    let none = server.get("/api/provider_images?page=2").await;
+    assert!(none.ids("provider_image").is_empty());
 }
 
 fn roxmltree_ids(body: &str) -> Vec<String> {

@@ -34,8 +34,10 @@ fn build_not_found(id: &str) -> ApiError {
 pub async fn list(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
+    let page = super::page::Page::parse(query.as_deref())?;
     let builds = blocking(&state, move |store| {
         // Only the builds of images in the user's environments exist for them.
         let visible: HashSet<Id> = store
@@ -51,7 +53,9 @@ pub async fn list(
             .collect::<Vec<_>>())
     })
     .await?;
-    render_list(&base(&state, &headers), &builds)
+    let total = builds.len();
+    let response = render_list(&base(&state, &headers), &builds[page.range(total)])?;
+    Ok(super::page::with_total(response, total))
 }
 
 fn render_list(base: &str, builds: &[Build]) -> ApiResult {

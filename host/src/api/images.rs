@@ -1,6 +1,7 @@
 //! `/api/images` and `/api/environments/:env/images`: list, show, build (create from a
 //! TDL template) and delete with cascade (reference/conductor-api.md §7.2).
 
+use super::page::{Page, with_total};
 use super::rendered::Kept;
 use super::xml::{self, Doc, Element};
 use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
@@ -47,52 +48,6 @@ fn image_not_found(id: &str) -> ApiError {
     ApiError::not_found("ImageNotFound", format!("Could not find Image {id}"))
 }
 
-/// `?page=N&per_page=M` (pages from 1; 100 a page unless said, 1,000 at most). A
-/// client that names no page gets every image, as Conductor's clients expect; the total
-/// is in `X-Total-Count` either way.
-#[derive(Debug, Default)]
-pub struct Page {
-    page: Option<usize>,
-    per_page: Option<usize>,
-}
-
-const PER_PAGE: usize = 100;
-const MAX_PER_PAGE: usize = 1000;
-
-impl Page {
-    /// Reads `page` and `per_page` from a query string; other parameters are ignored,
-    /// as they always were.
-    fn parse(query: Option<&str>) -> ApiResult<Page> {
-        let mut page = Page::default();
-        for pair in query.unwrap_or("").split('&') {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let slot = match key {
-                "page" => &mut page.page,
-                "per_page" => &mut page.per_page,
-                _ => continue,
-            };
-            *slot = Some(value.parse().map_err(|_| {
-                ApiError::bad_request(
-                    "ParameterDataIncorrect",
-                    format!("{key} must be a whole number, not '{value}'"),
-                )
-            })?);
-        }
-        Ok(page)
-    }
-
-    /// The rows of this page out of `total`.
-    fn range(&self, total: usize) -> std::ops::Range<usize> {
-        if self.page.is_none() && self.per_page.is_none() {
-            return 0..total;
-        }
-        let per_page = self.per_page.unwrap_or(PER_PAGE).clamp(1, MAX_PER_PAGE);
-        let page = self.page.unwrap_or(1).max(1);
-        let start = (page - 1).saturating_mul(per_page).min(total);
-        start..start.saturating_add(per_page).min(total)
-    }
-}
-
 async fn render_list(
     state: &Shared,
     headers: &HeaderMap,
@@ -137,11 +92,7 @@ async fn render_list(
         write_image(&mut doc, &base, image, env, builds);
     }
     doc.close("images");
-    let mut response = xml_ok(doc.finish());
-    response
-        .headers_mut()
-        .insert("x-total-count", axum::http::HeaderValue::from(total));
-    Ok(response)
+    Ok(with_total(xml_ok(doc.finish()), total))
 }
 
 fn env_name(environments: &[Environment], id: u64) -> String {

@@ -10,6 +10,7 @@ mod environments;
 pub mod hooks;
 mod images;
 pub mod json;
+mod page;
 mod provider_images;
 mod providers;
 mod quotas;

@@ -51,8 +51,10 @@ fn render_list(base: &str, rows: &[ProviderImage]) -> ApiResult {
 pub async fn list(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
+    let page = super::page::Page::parse(query.as_deref())?;
     let rows = blocking(&state, move |store| {
         let reader = store.reader()?;
         let mut rows = Vec::new();
@@ -64,7 +66,9 @@ pub async fn list(
         Ok(rows)
     })
     .await?;
-    render_list(&base(&state, &headers), &rows)
+    let total = rows.len();
+    let response = render_list(&base(&state, &headers), &rows[page.range(total)])?;
+    Ok(super::page::with_total(response, total))
 }
 
 pub async fn list_of_target_image(

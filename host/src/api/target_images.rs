@@ -104,8 +104,10 @@ fn render_list(base: &str, rows: &[Row]) -> ApiResult {
 pub async fn list(
     State(state): State<Shared>,
     Extension(user): Extension<CurrentUser>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
 ) -> ApiResult {
+    let page = super::page::Page::parse(query.as_deref())?;
     let mut rows = blocking(&state, |store| {
         let reader = store.reader()?;
         reader
@@ -116,7 +118,9 @@ pub async fn list(
     })
     .await?;
     rows.retain(|r| user.sees(r.env));
-    render_list(&base(&state, &headers), &rows)
+    let total = rows.len();
+    let response = render_list(&base(&state, &headers), &rows[page.range(total)])?;
+    Ok(super::page::with_total(response, total))
 }
 
 pub async fn list_of_build(
