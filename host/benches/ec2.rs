@@ -115,8 +115,7 @@ fn main() {
     let mut theirs = Vec::new();
     for run in 0..RUNS {
         reset(&endpoint);
-        let mut context = CallContext::quiet("bench push");
-        context.settings = target.settings.clone();
+        let context = CallContext::quiet("bench push");
         let start = Instant::now();
         let ami = ec2
             .push(context, &target, &file, &format!("bench-{run}"), &[])

@@ -158,8 +158,9 @@ async fn a_panic_fails_only_its_own_build() {
 /// of it zeroed. Run in turn, so that the slot is free for the next.
 async fn nothing_is_left_for_the_next_call(reset: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start_with(
-        dir.path(),
+    let log = dir.path().join("server.log");
+    let server = Server::start_logging(
+        &dir.path().join("data"),
         &[
             "--plugins",
             &sandbox_plugins(),
@@ -168,6 +169,15 @@ async fn nothing_is_left_for_the_next_call(reset: &str) {
             "--plugin-memory-reset",
             reset,
         ],
+        &log,
+    );
+    // The negative control: a server that silently fell back to releasing pages would
+    // pass the checks below without testing the scan at all.
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        said.contains("plugin memory reset: scan"),
+        reset == "scan",
+        "the server does not run with --plugin-memory-reset {reset}:\n{said}"
     );
     let remembered = watch(
         &server,
@@ -385,6 +395,17 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
     assert_eq!(refused.status, 422, "{}", refused.body);
     assert!(refused.body.contains("does not grant"), "{}", refused.body);
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A plugin that crashes after the refusal is refused for the refusal, not "crashed":
+    // every call is judged the same way, the account check included.
+    let crashed = server
+        .post(
+            &format!("/api/providers/{bare}/provider_accounts"),
+            "<provider_account><label>panic-after-refusal</label><credentials></credentials></provider_account>",
+        )
+        .await;
+    assert_eq!(crashed.status, 422, "{}", crashed.body);
+    assert!(crashed.body.contains("does not grant"), "{}", crashed.body);
+    assert!(!crashed.body.contains("crashed"), "{}", crashed.body);
     assert_eq!(server.get("/api").await.status, 200);
 }
 

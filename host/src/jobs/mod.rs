@@ -524,7 +524,6 @@ impl Jobs {
                 provider: provider.id,
             })),
             stop: Stop::new(),
-            settings: provider.settings.clone(),
         }
     }
 
@@ -940,7 +939,6 @@ impl Jobs {
             provider: provider_id,
         }));
         context.stop = stop.clone();
-        context.settings = target.settings.clone();
         let parameters = self.push_parameters(&pi)?;
         let identifier = match plugin.push(context, &target, &image, &name, &parameters) {
             Ok(identifier) => identifier,
@@ -964,7 +962,6 @@ impl Jobs {
                 store: self.store.clone(),
                 provider: provider_id,
             }));
-            context.settings = target.settings.clone();
             if let Err(e) = plugin.delete(context, &target, &identifier) {
                 tracing::error!(%identifier, "could not remove an image pushed for a deleted record: {e}");
             }
@@ -1070,7 +1067,6 @@ impl Jobs {
             progress,
             state: None,
             stop: Stop::new(),
-            settings: Vec::new(),
         }
     }
 }

@@ -249,9 +249,6 @@ pub struct CallContext {
     pub state: Option<Box<dyn StateStore>>,
     /// Stops the call when set.
     pub stop: Stop,
-    /// The settings of the call's provider, which decide the hosts the plugin may reach
-    /// (see [`grant`]); empty for a build.
-    pub settings: Vec<(String, String)>,
 }
 
 impl CallContext {
@@ -262,7 +259,6 @@ impl CallContext {
             progress: Box::new(|_, _| {}),
             state: None,
             stop: Stop::new(),
-            settings: Vec::new(),
         }
     }
 }
@@ -697,10 +693,13 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    /// A fresh store and instance for one call, with the sandbox's limits.
+    /// A fresh store and instance for one call, with the sandbox's limits. The hosts the
+    /// call may reach come from the settings of the provider it is handed (see
+    /// [`grant`]): none for a build, which has no provider.
     fn instantiate(
         &self,
         context: CallContext,
+        settings: &[(String, String)],
     ) -> Result<(Store<State>, bindings::Plugin), PluginError> {
         let stderr = sandbox::StderrTail::default();
         let state = State {
@@ -718,7 +717,7 @@ impl Plugin {
             log: sandbox::LogBudget::default(),
             http: WasiHttpCtx::new(),
             grants: Grants {
-                allowed: grant(&self.info.hosts, &context.settings),
+                allowed: grant(&self.info.hosts, settings),
                 denied: Vec::new(),
             },
             context,
@@ -800,6 +799,20 @@ impl Plugin {
         PluginError::Trap(reason)
     }
 
+    /// What a call's result means, the same for all six calls: a trap becomes the limit
+    /// or crash that caused it, the plugin's own error its `PluginError`, and either one
+    /// after a refused request the refusal (see [`Plugin::denied`]).
+    fn outcome<T>(
+        &self,
+        store: &Store<State>,
+        result: wasmtime::Result<Result<T, wit::Error>>,
+    ) -> Result<T, PluginError> {
+        result
+            .map_err(|e| self.trap(e, store))
+            .and_then(|answer| answer.map_err(PluginError::from))
+            .map_err(|e| self.denied(store, e))
+    }
+
     /// Runs one call and counts it, and its failure, in the server's metrics.
     fn counted<T>(
         &self,
@@ -829,7 +842,7 @@ impl Plugin {
         parameters: &[(String, String)],
     ) -> Result<BuildOutput, PluginError> {
         self.counted("build", || {
-            let (mut store, instance) = self.instantiate(context)?;
+            let (mut store, instance) = self.instantiate(context, &[])?;
             let reader = DiskReader::open(base)
                 .map_err(|e| PluginError::Host(format!("opening the base disk: {e}")))?;
             let writer = DiskWriter::create(output, output_limit)
@@ -850,18 +863,14 @@ impl Plugin {
                 arch: template.arch.clone(),
                 disk_size: template.disk_size,
             };
-            let result = instance
-                .conductor_provider_provider()
-                .call_build(
-                    &mut store,
-                    &template,
-                    Resource::new_borrow(reader.rep()),
-                    writer_handle,
-                    parameters,
-                )
-                .map_err(|e| self.trap(e, &store))
-                .and_then(|answer| answer.map_err(PluginError::from))
-                .map_err(|e| self.denied(&store, e));
+            let result = instance.conductor_provider_provider().call_build(
+                &mut store,
+                &template,
+                Resource::new_borrow(reader.rep()),
+                writer_handle,
+                parameters,
+            );
+            let result = self.outcome(&store, result);
             let writer = store
                 .data()
                 .table
@@ -898,7 +907,7 @@ impl Plugin {
         parameters: &[(String, String)],
     ) -> Result<String, PluginError> {
         self.counted("push", || {
-            let (mut store, instance) = self.instantiate(context)?;
+            let (mut store, instance) = self.instantiate(context, &target.settings)?;
             let reader = DiskReader::open(image)
                 .map_err(|e| PluginError::Host(format!("opening the image: {e}")))?;
             let reader = store
@@ -907,32 +916,27 @@ impl Plugin {
                 .push(reader)
                 .map_err(|e| PluginError::Host(e.to_string()))?;
             let (provider, account) = wit_target(target);
-            let result = instance
-                .conductor_provider_provider()
-                .call_push(
-                    &mut store,
-                    &provider,
-                    &account,
-                    Resource::new_borrow(reader.rep()),
-                    name,
-                    parameters,
-                )
-                .map_err(|e| self.trap(e, &store))
-                .map_err(|e| self.denied(&store, e))?;
-            result.map_err(|e| self.denied(&store, PluginError::from(e)))
+            let result = instance.conductor_provider_provider().call_push(
+                &mut store,
+                &provider,
+                &account,
+                Resource::new_borrow(reader.rep()),
+                name,
+                parameters,
+            );
+            self.outcome(&store, result)
         })
     }
 
     /// Asks the provider whether the account's credentials work.
     pub fn check_account(&self, context: CallContext, target: &Target) -> Result<(), PluginError> {
         self.counted("check-account", || {
-            let (mut store, instance) = self.instantiate(context)?;
+            let (mut store, instance) = self.instantiate(context, &target.settings)?;
             let (provider, account) = wit_target(target);
-            instance
+            let result = instance
                 .conductor_provider_provider()
-                .call_check_account(&mut store, &provider, &account)
-                .map_err(|e| self.trap(e, &store))?
-                .map_err(|e| self.denied(&store, PluginError::from(e)))
+                .call_check_account(&mut store, &provider, &account);
+            self.outcome(&store, result)
         })
     }
 }
@@ -954,13 +958,12 @@ impl Plugin {
         identifier: &str,
     ) -> Result<(), PluginError> {
         self.counted("delete", || {
-            let (mut store, instance) = self.instantiate(context)?;
+            let (mut store, instance) = self.instantiate(context, &target.settings)?;
             let (provider, account) = wit_target(target);
-            instance
+            let result = instance
                 .conductor_provider_provider()
-                .call_delete(&mut store, &provider, &account, identifier)
-                .map_err(|e| self.trap(e, &store))?
-                .map_err(|e| self.denied(&store, PluginError::from(e)))
+                .call_delete(&mut store, &provider, &account, identifier);
+            self.outcome(&store, result)
         })
     }
 
@@ -972,13 +975,12 @@ impl Plugin {
         identifier: &str,
     ) -> Result<ImageDetails, PluginError> {
         self.counted("lookup", || {
-            let (mut store, instance) = self.instantiate(context)?;
+            let (mut store, instance) = self.instantiate(context, &target.settings)?;
             let (provider, account) = wit_target(target);
-            let details = instance
+            let result = instance
                 .conductor_provider_provider()
-                .call_lookup(&mut store, &provider, &account, identifier)
-                .map_err(|e| self.trap(e, &store))?
-                .map_err(|e| self.denied(&store, PluginError::from(e)))?;
+                .call_lookup(&mut store, &provider, &account, identifier);
+            let details = self.outcome(&store, result)?;
             Ok(ImageDetails {
                 target_identifier: details.target_identifier,
                 name: details.name,
@@ -1151,6 +1153,11 @@ impl Plugins {
             } else {
                 pool.linear_memory_keep_resident(KEEP_RESIDENT)
                     .pagemap_scan(wasmtime::Enabled::Yes);
+                // Said once, so an operator (and the sandbox test) can tell the mode
+                // in effect from one that was asked for and refused above.
+                tracing::info!(
+                    "plugin memory reset: scan (written pages zeroed in place, kept resident)"
+                );
             }
         }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -1278,10 +1285,13 @@ impl Plugins {
             },
         };
         let context = CallContext::quiet(format!("load {source_name}"));
-        let (mut store, instance) = plugin.instantiate(context).map_err(|e| LoadError::Info {
-            source_name: source_name.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let (mut store, instance) =
+            plugin
+                .instantiate(context, &[])
+                .map_err(|e| LoadError::Info {
+                    source_name: source_name.to_owned(),
+                    reason: e.to_string(),
+                })?;
         let info = instance
             .conductor_provider_provider()
             .call_info(&mut store)

@@ -2,7 +2,8 @@
 //! of the server's grants. It declares loopback (`127.0.0.1`, any port) as the hosts it
 //! wants; a call reaches its provider's `url` setting when the provider names one, and
 //! otherwise tries 127.0.0.1:9, which no provider grants. Builds have no provider, so a
-//! build's request is always refused.
+//! build's request is always refused. An account named `panic-after-refusal` makes its
+//! check panic after a refused request.
 
 // Built for the host only by `cargo build --workspace`, where nothing is exported (see
 // the export below) and so nothing is used.
@@ -72,8 +73,14 @@ impl Guest for Reach {
         }
     }
 
-    fn check_account(provider: Provider, _account: Account) -> Result<(), Error> {
-        phone_home(&aim(Some(&provider)))
+    fn check_account(provider: Provider, account: Account) -> Result<(), Error> {
+        let reached = phone_home(&aim(Some(&provider)));
+        // An account named so crashes after its request, as a plugin might that does not
+        // expect a refusal: the host must still say the refusal was the cause.
+        if reached.is_err() && account.name == "panic-after-refusal" {
+            panic!("reach gives up after a refused request");
+        }
+        reached
     }
 
     fn build(
