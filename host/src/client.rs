@@ -240,6 +240,9 @@ impl Client {
         Ok(Client {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(300))
+                // A server closes connections idle for its keep-alive timeout (this
+                // one's 5 s by default); reusing one it is closing fails a POST.
+                .pool_idle_timeout(Duration::from_secs(2))
                 .build()?,
             base: base.trim_end_matches('/').to_owned(),
             user: connection

@@ -8,7 +8,9 @@
 //! - `conductor_job_duration_seconds{kind}`: how long finished jobs took, retries included;
 //! - `conductor_plugin_calls_total{target,call}` and
 //!   `conductor_plugin_call_failures_total{target,call}`: plugin calls and those that
-//!   failed (a cancel or a shutdown is not a failure).
+//!   failed (a cancel or a shutdown is not a failure);
+//! - `conductor_login_failures_total`: wrong passwords (or unknown users) checked;
+//!   `conductor_login_checks_running`: password checks running now.
 //!
 //! A metric is a handful of map updates under one lock: far below the cost of the work
 //! it counts.
@@ -56,6 +58,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "conductor_plugin_call_failures_total",
         "counter",
         "Plugin calls that failed, by target and call.",
+    ),
+    (
+        "conductor_login_failures_total",
+        "counter",
+        "Wrong passwords and unknown users checked.",
+    ),
+    (
+        "conductor_login_checks_running",
+        "gauge",
+        "Password checks running now.",
     ),
 ];
 

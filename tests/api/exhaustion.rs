@@ -197,19 +197,67 @@ async fn wrong_passwords_count_when_the_guesser_hangs_up_before_the_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     // One check at a time: a login waits for every check before it to be counted.
     let server = Server::start_with(dir.path(), &["--login-checks", "1"]);
-    // Guesses given up 50 ms after they were sent, once their check has started; the
-    // pause lets each check finish before the next guess.
-    for attempt in 0..10 {
-        let _ = server
-            .request(reqwest::Method::GET, "/api/images")
-            .basic_auth("admin", Some(format!("guess-{attempt}")))
-            .timeout(Duration::from_millis(50))
-            .send()
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Guesses whose clients hang up as soon as the request is sent: the request is in
+    // the server's socket buffer, and its check runs without anyone to answer.
+    let guess_line = |attempt: u32| {
+        format!(
+            "GET /api/images HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            basic("admin", &format!("guess-{attempt}"))
+        )
+    };
+    // Each guess is sent alone and its client hangs up while its check runs (seen in
+    // the metrics); the next is sent once it has been counted.
+    let metrics_url = format!("{}/metrics", server.url);
+    let metric = async |name: &str| -> f64 {
+        let metrics = reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // Five: the failures an address has before it must wait (--login-failures).
+    let mut hung_up = 0;
+    for attempt in 0..5 {
+        let mut stream = connect(&server);
+        stream
+            .write_all(guess_line(attempt).as_bytes())
+            .expect("send the guess");
+        let counted = f64::from(attempt + 1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if metric("conductor_login_checks_running").await >= 1.0 {
+                drop(stream);
+                hung_up += 1;
+                break;
+            }
+            // Over before it was seen: counted, but no hang-up was tested with it.
+            if metric("conductor_login_failures_total").await >= counted {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guess {attempt} was never checked"
+            );
+        }
+        crate::harness::eventually(Duration::from_secs(60), async || {
+            match metric("conductor_login_failures_total").await {
+                n if n >= counted => Ok(()),
+                n => Err(format!("guess {attempt} was not counted ({n} so far)")),
+            }
+        })
+        .await;
     }
+    assert!(
+        hung_up >= 3,
+        "only {hung_up} guesses were given up during their check"
+    );
     // The right password, never seen before, from the guesser's address: the address
-    // has failed ten times, answers or not.
+    // has failed five times, answers or not.
     let (status, retry_after, body) = get_images(&server, &basic("admin", PASSWORD)).await;
     assert_eq!(status, 429, "{body}");
     assert!(retry_after.is_some());

@@ -181,7 +181,13 @@ impl Server {
             child,
             url,
             password: password.to_owned(),
-            client: reqwest::Client::new(),
+            // The server closes a connection idle for its keep-alive timeout (5 s by
+            // default); a request sent on one it is closing just then fails, and a POST is
+            // not retried. Idle connections are dropped here well before.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build()
+                .expect("HTTP client"),
         }
     }
 
