@@ -998,3 +998,84 @@ async fn account_labels_reveal_nothing_about_other_environments() {
         .await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
 }
+
+/// A build of a large, sparse disk spends its last stage hashing it. That runs outside
+/// the blob store's hold: another tenant's delete (which collects blobs) and build go
+/// through meanwhile, and a cancel ends the hashing at once.
+#[tokio::test]
+async fn hashing_a_large_image_holds_up_nobody_and_stops_on_cancel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with(
+        dir.path(),
+        &["--plugins", crate::harness::TEST_PLUGINS, "--workers", "3"],
+    );
+    let small = server
+        .post(
+            "/api/images",
+            &build_request("mock", &template("small"), ""),
+        )
+        .await;
+    let small_image = small
+        .doc()
+        .root_element()
+        .attribute("id")
+        .expect("image id")
+        .to_owned();
+    let small_ti = small.ids("target_image")[0].clone();
+    server
+        .wait_terminal(&format!("/api/target_images/{small_ti}"))
+        .await;
+
+    let big = template("big").replace("64MiB", "64G");
+    let reply = server
+        .post("/api/images", &build_request("mock", &big, ""))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let big_ti = format!("/api/target_images/{}", reply.ids("target_image")[0]);
+    eventually(Duration::from_secs(60), async || {
+        let activity = server.get(&big_ti).await.text("activity");
+        if activity.contains("storing the image") {
+            Ok(())
+        } else {
+            Err(format!("not hashing yet: {activity}"))
+        }
+    })
+    .await;
+
+    // Meanwhile: a delete that collects blobs, and a build to the end.
+    let deleted = server.delete(&format!("/api/images/{small_image}")).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    let other = server
+        .post(
+            "/api/images",
+            &build_request("mock", &template("other"), ""),
+        )
+        .await;
+    let other_ti = other.ids("target_image")[0].clone();
+    let done = server
+        .wait_terminal(&format!("/api/target_images/{other_ti}"))
+        .await;
+    assert_eq!(done.text("status"), "COMPLETE");
+    let still = server.get(&big_ti).await;
+    assert_eq!(
+        still.text("status"),
+        "BUILDING",
+        "the large image was hashed before the others went through: {}",
+        still.body
+    );
+
+    let cancel = server.post(&format!("{big_ti}/cancel"), "").await;
+    assert!((200..300).contains(&cancel.status), "{}", cancel.body);
+    assert_eq!(
+        server.wait_terminal(&big_ti).await.text("status"),
+        "CANCELLED"
+    );
+    eventually(Duration::from_secs(10), async || {
+        let metrics = server.get("/metrics").await.body;
+        match job_gauge(&metrics, "conductor_jobs_running") {
+            0.0 => Ok(()),
+            n => Err(format!("{n} build(s) still running after the cancel")),
+        }
+    })
+    .await;
+}
