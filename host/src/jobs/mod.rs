@@ -399,6 +399,7 @@ impl Jobs {
             .await
             .map_err(|e| StoreError::Corrupt {
                 table: "jobs",
+                key: "every row".into(),
                 reason: e.to_string(),
             })??;
         let count = jobs.len();

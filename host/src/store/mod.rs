@@ -4,6 +4,7 @@
 //! Owns every byte in `conductor.redb`. Never imports axum or wasmtime. Calls block on
 //! disk, so async callers run them on the blocking pool.
 
+mod rows;
 mod tables;
 
 use crate::model::{
@@ -15,8 +16,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use redb::{
     Database, Key, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use rows::{Row, SealedAccount};
 use std::borrow::Borrow;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,15 +24,17 @@ use tables::*;
 
 /// The layout this build of the server reads and writes.
 const SCHEMA_VERSION: u64 = 1;
-/// Leading byte of every stored row: the encoding of the rest.
-const ROW_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Redb(Box<redb::Error>),
-    #[error("a stored {table} row is unreadable: {reason}")]
-    Corrupt { table: &'static str, reason: String },
+    #[error("the stored {table} row {key} is unreadable: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error(
         "the data directory holds schema version {found}, but this server reads version {SCHEMA_VERSION}; \
          run the conductor release that wrote it, or restore a backup made for this one"
@@ -66,51 +68,33 @@ redb_errors!(
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut bytes = vec![ROW_VERSION];
-    // postcard only fails for types serde cannot describe, which ours never are.
-    bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
-    bytes
-}
-
-fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T> {
-    match bytes.split_first() {
-        Some((&ROW_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
-            table,
-            reason: e.to_string(),
-        }),
-        Some((version, _)) => Err(StoreError::Corrupt {
-            table,
-            reason: format!("unknown row version {version}"),
-        }),
-        None => Err(StoreError::Corrupt {
-            table,
-            reason: "empty row".into(),
-        }),
-    }
+/// Decodes one stored row, naming its table and key when it cannot be read.
+fn decode<T: Row>(key: &dyn std::fmt::Debug, bytes: &[u8]) -> Result<T> {
+    T::decode(bytes).map_err(|reason| StoreError::Corrupt {
+        table: T::TABLE,
+        key: format!("{key:?}"),
+        reason,
+    })
 }
 
 /// Reads one row from a table of either kind of transaction.
-fn get<'k, K: Key + 'static, T: DeserializeOwned>(
+fn get<'k, K: Key + 'static, T: Row>(
     table: &impl ReadableTable<K, &'static [u8]>,
-    name: &'static str,
     key: impl Borrow<K::SelfType<'k>>,
 ) -> Result<Option<T>> {
+    let key = key.borrow();
     match table.get(key)? {
-        Some(row) => Ok(Some(decode(name, row.value())?)),
+        Some(row) => Ok(Some(decode(key, row.value())?)),
         None => Ok(None),
     }
 }
 
 /// Reads every row of a table, in key order.
-fn all<K: Key + 'static, T: DeserializeOwned>(
-    table: &impl ReadableTable<K, &'static [u8]>,
-    name: &'static str,
-) -> Result<Vec<T>> {
+fn all<K: Key + 'static, T: Row>(table: &impl ReadableTable<K, &'static [u8]>) -> Result<Vec<T>> {
     let mut rows = Vec::with_capacity(table.len()? as usize);
     for entry in table.iter()? {
-        let (_, row) = entry?;
-        rows.push(decode(name, row.value())?);
+        let (key, row) = entry?;
+        rows.push(decode(&key.value(), row.value())?);
     }
     Ok(rows)
 }
@@ -142,14 +126,12 @@ fn usage_in(
         usage.images += 1;
         for build in children(builds_by_image, image)? {
             for ti in children(target_images_by_build, build)? {
-                if let Some(ti) = get::<u128, TargetImage>(target_images, "target-images", ti)? {
+                if let Some(ti) = get::<u128, TargetImage>(target_images, ti)? {
                     usage.stored_bytes += ti.disk.as_ref().map_or(0, |d| d.size);
                     usage.queued_jobs += u64::from(!ti.progress.status.is_terminal());
                 }
                 for pi in children(provider_images_by_target_image, ti)? {
-                    if let Some(pi) =
-                        get::<u128, ProviderImage>(provider_images, "provider-images", pi)?
-                    {
+                    if let Some(pi) = get::<u128, ProviderImage>(provider_images, pi)? {
                         usage.queued_jobs += u64::from(!pi.progress.status.is_terminal());
                     }
                 }
@@ -159,12 +141,12 @@ fn usage_in(
     Ok(usage)
 }
 
-fn put<'k, K: Key + 'static, T: Serialize>(
+fn put<'k, K: Key + 'static, T: Row>(
     table: &mut Table<K, &'static [u8]>,
     key: impl Borrow<K::SelfType<'k>>,
     value: &T,
 ) -> Result<()> {
-    table.insert(key, encode(value).as_slice())?;
+    table.insert(key, value.encode().as_slice())?;
     Ok(())
 }
 
@@ -189,20 +171,6 @@ pub struct Store {
     /// Pairs each commit's two steps of `generation`: redb lets the next write begin as
     /// soon as a commit is done, before that commit's second step.
     committing: std::sync::Mutex<()>,
-}
-
-/// An account as stored: like [`Account`], with the credentials sealed.
-#[derive(Serialize, serde::Deserialize)]
-struct AccountRow {
-    id: u64,
-    label: String,
-    provider_id: u64,
-    /// A 12-byte nonce, then the ciphertext (with its tag) of the postcard-encoded
-    /// credentials.
-    sealed_credentials: Vec<u8>,
-    environments: Vec<u64>,
-    priority: Option<i64>,
-    max_running_instances: Option<u64>,
 }
 
 /// The key that seals credentials: 32 bytes.
@@ -245,12 +213,43 @@ impl Store {
             txn.open_table(QUOTAS)?;
         }
         txn.commit()?;
-        Ok(Store {
+        let store = Store {
             db,
             cipher: Aes256Gcm::new(key.into()),
             generation: AtomicU64::new(0),
             committing: std::sync::Mutex::new(()),
-        })
+        };
+        store.verify()?;
+        Ok(store)
+    }
+
+    /// Reads every row of every table once, credentials opened, so that a database this
+    /// release would misread (a row of an unknown version or layout, credentials sealed
+    /// with another key) stops the start with the table and key of the first such row,
+    /// instead of failing requests one at a time later.
+    fn verify(&self) -> Result<()> {
+        fn check<K: Key + 'static, T: Row>(
+            table: &impl ReadableTable<K, &'static [u8]>,
+        ) -> Result<()> {
+            for entry in table.iter()? {
+                let (key, row) = entry?;
+                decode::<T>(&key.value(), row.value())?;
+            }
+            Ok(())
+        }
+        let txn = self.db.begin_read()?;
+        check::<_, Environment>(&txn.open_table(ENVIRONMENTS)?)?;
+        check::<_, User>(&txn.open_table(USERS)?)?;
+        check::<_, Provider>(&txn.open_table(PROVIDERS)?)?;
+        self.accounts_in(&txn.open_table(ACCOUNTS)?)?;
+        check::<_, Image>(&txn.open_table(IMAGES)?)?;
+        check::<_, Build>(&txn.open_table(BUILDS)?)?;
+        check::<_, TargetImage>(&txn.open_table(TARGET_IMAGES)?)?;
+        check::<_, ProviderImage>(&txn.open_table(PROVIDER_IMAGES)?)?;
+        check::<_, Job>(&txn.open_table(JOBS)?)?;
+        check::<_, Hook>(&txn.open_table(HOOKS)?)?;
+        check::<_, Quota>(&txn.open_table(QUOTAS)?)?;
+        Ok(())
     }
 
     /// Commits a write and counts it. Every write of this store goes through here.
@@ -285,19 +284,20 @@ impl Store {
         Ok(id)
     }
 
-    fn seal(&self, account: &Account) -> Result<AccountRow> {
+    fn seal(&self, account: &Account) -> Result<SealedAccount> {
         let nonce_bytes: [u8; 12] = rand::random();
-        let plain = postcard::to_stdvec(&account.credentials).unwrap_or_default();
+        let plain = rows::credentials_to_bytes(&account.credentials);
         let sealed = self
             .cipher
             .encrypt(Nonce::from_slice(&nonce_bytes), plain.as_slice())
             .map_err(|_| StoreError::Corrupt {
-                table: "accounts",
+                table: SealedAccount::TABLE,
+                key: account.id.to_string(),
                 reason: "credentials could not be sealed".into(),
             })?;
         let mut sealed_credentials = nonce_bytes.to_vec();
         sealed_credentials.extend(sealed);
-        Ok(AccountRow {
+        Ok(SealedAccount {
             id: account.id,
             label: account.label.clone(),
             provider_id: account.provider_id,
@@ -308,9 +308,10 @@ impl Store {
         })
     }
 
-    fn open_row(&self, row: AccountRow) -> Result<Account> {
+    fn open_row(&self, row: SealedAccount) -> Result<Account> {
         let corrupt = |reason: &str| StoreError::Corrupt {
-            table: "accounts",
+            table: SealedAccount::TABLE,
+            key: row.id.to_string(),
             reason: reason.into(),
         };
         if row.sealed_credentials.len() < 12 {
@@ -325,7 +326,7 @@ impl Store {
                     "credentials do not open with this server's key (was the key file replaced?)",
                 )
             })?;
-        let credentials = postcard::from_bytes(&plain).map_err(|e| corrupt(&e.to_string()))?;
+        let credentials = rows::credentials_from_bytes(&plain).map_err(|e| corrupt(&e))?;
         Ok(Account {
             id: row.id,
             label: row.label,
@@ -346,7 +347,7 @@ impl Store {
     }
 
     fn accounts_in(&self, table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Vec<Account>> {
-        all::<u64, AccountRow>(table, "accounts")?
+        all::<u64, SealedAccount>(table)?
             .into_iter()
             .map(|row| self.open_row(row))
             .collect()
@@ -356,12 +357,12 @@ impl Store {
 
     pub fn environments(&self) -> Result<Vec<Environment>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(ENVIRONMENTS)?, "environments")
+        all(&txn.open_table(ENVIRONMENTS)?)
     }
 
     pub fn environment(&self, id: u64) -> Result<Option<Environment>> {
         let txn = self.db.begin_read()?;
-        get(&txn.open_table(ENVIRONMENTS)?, "environments", id)
+        get(&txn.open_table(ENVIRONMENTS)?, id)
     }
 
     pub fn environment_by_name(&self, name: &str) -> Result<Option<Environment>> {
@@ -418,12 +419,12 @@ impl Store {
 
     pub fn user(&self, name: &str) -> Result<Option<User>> {
         let txn = self.db.begin_read()?;
-        get(&txn.open_table(USERS)?, "users", name)
+        get(&txn.open_table(USERS)?, name)
     }
 
     pub fn users(&self) -> Result<Vec<User>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(USERS)?, "users")
+        all(&txn.open_table(USERS)?)
     }
 
     /// The environment an image belongs to.
@@ -450,12 +451,12 @@ impl Store {
 
     pub fn providers(&self) -> Result<Vec<Provider>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(PROVIDERS)?, "providers")
+        all(&txn.open_table(PROVIDERS)?)
     }
 
     pub fn provider(&self, id: u64) -> Result<Option<Provider>> {
         let txn = self.db.begin_read()?;
-        get(&txn.open_table(PROVIDERS)?, "providers", id)
+        get(&txn.open_table(PROVIDERS)?, id)
     }
 
     /// Creates a provider from `provider` with the next free id.
@@ -480,7 +481,7 @@ impl Store {
         txn.open_table(PROVIDERS)?.remove(id)?;
         {
             let mut table = txn.open_table(ACCOUNTS)?;
-            let rows: Vec<AccountRow> = all(&table, "accounts")?;
+            let rows: Vec<SealedAccount> = all(&table)?;
             for row in rows.iter().filter(|a| a.provider_id == id) {
                 table.remove(row.id)?;
             }
@@ -521,7 +522,7 @@ impl Store {
 
     pub fn hooks(&self) -> Result<Vec<Hook>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(HOOKS)?, "hooks")
+        all(&txn.open_table(HOOKS)?)
     }
 
     pub fn create_hook(&self, uri: &str) -> Result<Hook> {
@@ -614,7 +615,7 @@ impl Store {
 
     pub fn account(&self, id: u64) -> Result<Option<Account>> {
         let txn = self.db.begin_read()?;
-        match get::<u64, AccountRow>(&txn.open_table(ACCOUNTS)?, "accounts", id)? {
+        match get::<u64, SealedAccount>(&txn.open_table(ACCOUNTS)?, id)? {
             Some(row) => Ok(Some(self.open_row(row)?)),
             None => Ok(None),
         }
@@ -639,13 +640,13 @@ impl Store {
         let txn = self.db.begin_read()?;
         let images = txn.open_table(IMAGES)?;
         match environment {
-            None => all(&images, "images"),
+            None => all(&images),
             Some(env) => {
                 let index = txn.open_table(IMAGES_BY_ENVIRONMENT)?;
                 let mut rows = Vec::new();
                 for entry in index.range((env, 0u128)..=(env, u128::MAX))? {
                     let (key, _) = entry?;
-                    if let Some(image) = get(&images, "images", key.value().1)? {
+                    if let Some(image) = get(&images, key.value().1)? {
                         rows.push(image);
                     }
                 }
@@ -660,13 +661,13 @@ impl Store {
         let txn = self.db.begin_read()?;
         let images_table = txn.open_table(IMAGES)?;
         let images: Vec<Image> = match environment {
-            None => all(&images_table, "images")?,
+            None => all(&images_table)?,
             Some(env) => {
                 let index = txn.open_table(IMAGES_BY_ENVIRONMENT)?;
                 let mut rows = Vec::new();
                 for entry in index.range((env, 0u128)..=(env, u128::MAX))? {
                     let (key, _) = entry?;
-                    rows.extend(get::<u128, Image>(&images_table, "images", key.value().1)?);
+                    rows.extend(get::<u128, Image>(&images_table, key.value().1)?);
                 }
                 rows
             }
@@ -687,7 +688,7 @@ impl Store {
                     break;
                 }
                 if owner == id {
-                    builds.extend(get::<u128, Build>(&builds_table, "builds", build)?);
+                    builds.extend(get::<u128, Build>(&builds_table, build)?);
                 }
                 next = keys.next().transpose()?.map(|(key, _)| key.value());
             }
@@ -850,7 +851,7 @@ impl Store {
     /// An environment's quota; no limits when none was set.
     pub fn quota(&self, environment: u64) -> Result<Quota> {
         let txn = self.db.begin_read()?;
-        Ok(get(&txn.open_table(QUOTAS)?, "environment-quotas", environment)?.unwrap_or_default())
+        Ok(get(&txn.open_table(QUOTAS)?, environment)?.unwrap_or_default())
     }
 
     pub fn put_quota(&self, environment: u64, quota: &Quota) -> Result<()> {
@@ -877,8 +878,7 @@ impl Store {
     /// Fails with [`StoreError::Quota`] unless `environment` may take `images` more
     /// images and `jobs` more jobs.
     fn admit(txn: &WriteTransaction, environment: u64, images: u64, jobs: u64) -> Result<()> {
-        let quota: Quota =
-            get(&txn.open_table(QUOTAS)?, "environment-quotas", environment)?.unwrap_or_default();
+        let quota: Quota = get(&txn.open_table(QUOTAS)?, environment)?.unwrap_or_default();
         if quota == Quota::default() {
             return Ok(());
         }
@@ -896,7 +896,7 @@ impl Store {
     }
 
     fn image_environment_in(txn: &WriteTransaction, image: Id) -> Result<Option<u64>> {
-        let image: Option<Image> = get(&txn.open_table(IMAGES)?, "images", image.as_u128())?;
+        let image: Option<Image> = get(&txn.open_table(IMAGES)?, image.as_u128())?;
         Ok(image.map(|i| i.environment_id))
     }
 
@@ -918,7 +918,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let updated = {
             let mut table = txn.open_table(TARGET_IMAGES)?;
-            let current: Option<TargetImage> = get(&table, "target images", id.as_u128())?;
+            let current: Option<TargetImage> = get(&table, id.as_u128())?;
             match current {
                 Some(mut ti) => {
                     change(&mut ti);
@@ -941,7 +941,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let updated = {
             let mut table = txn.open_table(PROVIDER_IMAGES)?;
-            let current: Option<ProviderImage> = get(&table, "provider images", id.as_u128())?;
+            let current: Option<ProviderImage> = get(&table, id.as_u128())?;
             match current {
                 Some(mut pi) => {
                     change(&mut pi);
@@ -959,7 +959,7 @@ impl Store {
 
     pub fn jobs(&self) -> Result<Vec<Job>> {
         let txn = self.db.begin_read()?;
-        all(&txn.open_table(JOBS)?, "jobs")
+        all(&txn.open_table(JOBS)?)
     }
 
     pub fn put_job(&self, job: &Job) -> Result<()> {
@@ -983,7 +983,7 @@ impl Store {
     pub fn delete_image(&self, id: Id) -> Result<Option<Removed>> {
         let txn = self.db.begin_write()?;
         let mut removed = Removed::default();
-        let image: Option<Image> = get(&txn.open_table(IMAGES)?, "images", id.as_u128())?;
+        let image: Option<Image> = get(&txn.open_table(IMAGES)?, id.as_u128())?;
         let Some(image) = image else { return Ok(None) };
         let builds = children(&txn.open_table(BUILDS_BY_IMAGE)?, id.as_u128())?;
         for build in builds {
@@ -1039,7 +1039,7 @@ impl Store {
     }
 
     fn delete_build_in(txn: &WriteTransaction, build: u128, removed: &mut Removed) -> Result<()> {
-        let row: Option<Build> = get(&txn.open_table(BUILDS)?, "builds", build)?;
+        let row: Option<Build> = get(&txn.open_table(BUILDS)?, build)?;
         let target_images = children(&txn.open_table(TARGET_IMAGES_BY_BUILD)?, build)?;
         for ti in target_images {
             Self::delete_target_image_in(txn, ti, removed)?;
@@ -1063,7 +1063,7 @@ impl Store {
         for pi in provider_images {
             Self::delete_provider_image_in(txn, pi, removed)?;
         }
-        let row: Option<TargetImage> = get(&txn.open_table(TARGET_IMAGES)?, "target images", id)?;
+        let row: Option<TargetImage> = get(&txn.open_table(TARGET_IMAGES)?, id)?;
         txn.open_table(TARGET_IMAGES)?.remove(id)?;
         txn.open_table(JOBS)?.remove(id)?;
         if let Some(row) = row {
@@ -1079,8 +1079,7 @@ impl Store {
         id: u128,
         removed: &mut Removed,
     ) -> Result<()> {
-        let row: Option<ProviderImage> =
-            get(&txn.open_table(PROVIDER_IMAGES)?, "provider images", id)?;
+        let row: Option<ProviderImage> = get(&txn.open_table(PROVIDER_IMAGES)?, id)?;
         txn.open_table(PROVIDER_IMAGES)?.remove(id)?;
         txn.open_table(JOBS)?.remove(id)?;
         if let Some(row) = row {
@@ -1136,49 +1135,35 @@ impl Reader {
     }
 
     pub fn image(&self, id: Id) -> Result<Option<Image>> {
-        get(&self.txn.open_table(IMAGES)?, "images", id.as_u128())
+        get(&self.txn.open_table(IMAGES)?, id.as_u128())
     }
 
     pub fn build(&self, id: Id) -> Result<Option<Build>> {
-        get(&self.txn.open_table(BUILDS)?, "builds", id.as_u128())
+        get(&self.txn.open_table(BUILDS)?, id.as_u128())
     }
 
     /// All builds, or the builds of one image, oldest first.
     pub fn builds(&self, image: Option<Id>) -> Result<Vec<Build>> {
-        self.all_or_children(BUILDS, "builds", BUILDS_BY_IMAGE, image)
+        self.all_or_children(BUILDS, BUILDS_BY_IMAGE, image)
     }
 
     pub fn target_image(&self, id: Id) -> Result<Option<TargetImage>> {
-        get(
-            &self.txn.open_table(TARGET_IMAGES)?,
-            "target images",
-            id.as_u128(),
-        )
+        get(&self.txn.open_table(TARGET_IMAGES)?, id.as_u128())
     }
 
     /// All target images, or those of one build, in creation order.
     pub fn target_images(&self, build: Option<Id>) -> Result<Vec<TargetImage>> {
-        self.all_or_children(
-            TARGET_IMAGES,
-            "target images",
-            TARGET_IMAGES_BY_BUILD,
-            build,
-        )
+        self.all_or_children(TARGET_IMAGES, TARGET_IMAGES_BY_BUILD, build)
     }
 
     pub fn provider_image(&self, id: Id) -> Result<Option<ProviderImage>> {
-        get(
-            &self.txn.open_table(PROVIDER_IMAGES)?,
-            "provider images",
-            id.as_u128(),
-        )
+        get(&self.txn.open_table(PROVIDER_IMAGES)?, id.as_u128())
     }
 
     /// All provider images, or those of one target image, in creation order.
     pub fn provider_images(&self, target_image: Option<Id>) -> Result<Vec<ProviderImage>> {
         self.all_or_children(
             PROVIDER_IMAGES,
-            "provider images",
             PROVIDER_IMAGES_BY_TARGET_IMAGE,
             target_image,
         )
@@ -1186,21 +1171,20 @@ impl Reader {
 
     /// Every row of `table`, or, given a parent, the rows `index` lists under it, both in
     /// creation order (ids are time-ordered).
-    fn all_or_children<T: DeserializeOwned>(
+    fn all_or_children<T: Row>(
         &self,
         table: TableDefinition<u128, &'static [u8]>,
-        name: &'static str,
         index: TableDefinition<(u128, u128), ()>,
         parent: Option<Id>,
     ) -> Result<Vec<T>> {
         let rows = self.txn.open_table(table)?;
         let Some(parent) = parent else {
-            return all(&rows, name);
+            return all(&rows);
         };
         let ids = children(&self.txn.open_table(index)?, parent.as_u128())?;
         let mut found = Vec::with_capacity(ids.len());
         for id in ids {
-            found.extend(get::<u128, T>(&rows, name, id)?);
+            found.extend(get::<u128, T>(&rows, id)?);
         }
         Ok(found)
     }
@@ -1214,6 +1198,7 @@ mod tests {
     fn every_commit_moves_the_generation_on_and_it_is_even_between_commits() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
             table: "test",
+            key: String::new(),
             reason: e.to_string(),
         })?;
         let store = Store::open(&dir.path().join("c.redb"), &[7; 32])?;
@@ -1230,6 +1215,7 @@ mod tests {
     fn a_file_with_another_schema_version_is_refused_with_advice() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
             table: "test",
+            key: String::new(),
             reason: e.to_string(),
         })?;
         let path = dir.path().join("c.redb");
@@ -1250,10 +1236,65 @@ mod tests {
     }
 
     #[test]
-    fn a_row_of_an_unknown_version_is_an_error_not_a_panic() {
-        let result: Result<Environment> = decode("environments", &[9, 1, 2]);
-        assert!(matches!(result, Err(StoreError::Corrupt { .. })));
-        let result: Result<Environment> = decode("environments", &[]);
-        assert!(matches!(result, Err(StoreError::Corrupt { .. })));
+    fn a_database_holding_a_row_it_would_misread_is_not_opened() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
+            table: "test",
+            key: String::new(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.path().join("c.redb");
+        let store = Store::open(&path, &[7; 32])?;
+        let env = store.create_environment("team", "")?;
+        drop(store);
+        {
+            let db = Database::create(&path)?;
+            let txn = db.begin_write()?;
+            let mut row = env.encode();
+            row.push(0);
+            txn.open_table(ENVIRONMENTS)?
+                .insert(env.id, row.as_slice())?;
+            txn.commit()?;
+        }
+        match Store::open(&path, &[7; 32]) {
+            Err(e @ StoreError::Corrupt { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains(&format!("environments row {}", env.id)),
+                    "{message}"
+                );
+                assert!(message.contains("left over"), "{message}");
+            }
+            other => panic!(
+                "expected the misread row refused, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn credentials_sealed_with_another_key_stop_the_start_with_advice() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
+            table: "test",
+            key: String::new(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.path().join("c.redb");
+        let store = Store::open(&path, &[7; 32])?;
+        store.create_account(Account {
+            id: 0,
+            label: "acc".into(),
+            provider_id: 1,
+            credentials: vec![("username".into(), "u".into())],
+            environments: vec![],
+            priority: None,
+            max_running_instances: None,
+        })?;
+        drop(store);
+        match Store::open(&path, &[8; 32]) {
+            Err(e) => assert!(e.to_string().contains("key file replaced"), "{e}"),
+            Ok(_) => panic!("a database whose credentials do not open was opened"),
+        }
+        Ok(())
     }
 }
