@@ -31,3 +31,7 @@ echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(una
 # One cargo invocation builds all four benchmarks and the server binary together.
 cargo bench --locked --bench plugins --bench disk --bench api --bench ec2 2>&1 \
   | grep -v -E '^\s*(Compiling|Finished|Running|Downloaded|Downloading)'
+
+# OS builds (needs root): cold and warm Debian builds against mmdebstrap run directly,
+# and a boot to a marker.
+bash bench/os.sh

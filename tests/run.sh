@@ -12,6 +12,10 @@ if ! command -v qemu-img >/dev/null; then
   apt-get update -qq && apt-get install -y -qq qemu-utils
 fi
 
+# The OS builds' tests install Debian and boot it: mmdebstrap, the disk tools, qemu and
+# OVMF (tools/os-packages.sh installs what is missing).
+bash tools/os-packages.sh --boot
+
 # The plugins are built for wasm32-wasip2. rust-toolchain.toml names the target, but a
 # rustup told not to install on its own leaves it out.
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then

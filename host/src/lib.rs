@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
+pub mod os;
 pub mod plugins;
 pub mod server;
 pub mod store;

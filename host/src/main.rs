@@ -109,6 +109,9 @@ enum Command {
         // What one client may hold and how password checks are bounded.
         #[command(flatten)]
         edge: Box<EdgeLimits>,
+        // Where OS installs may fetch from, and what they may take.
+        #[command(flatten)]
+        os: Box<OsLimits>,
     },
     /// Build, push, list, show, import and delete images on a server.
     #[command(subcommand)]
@@ -119,6 +122,41 @@ enum Command {
     /// Manage a server's provider accounts.
     #[command(subcommand)]
     Account(conductor::client::AccountCommand),
+}
+
+/// OS installs: the mirrors they may use, their deadlines, their cache (docs/os-builds.md).
+#[derive(clap::Args)]
+struct OsLimits {
+    /// Package mirrors OS installs may fetch from, as URL prefixes, comma-separated. A
+    /// template's install url and repositories must start with one of them. Unset: the
+    /// mirrors this machine's apt sources name.
+    #[arg(long, env = "CONDUCTOR_OS_MIRROR", value_delimiter = ',')]
+    os_mirror: Vec<String>,
+    /// Seconds one step of an OS install (the package install, a filesystem) may take.
+    #[arg(long, env = "CONDUCTOR_OS_STEP_TIMEOUT", default_value_t = 1800)]
+    os_step_timeout: u64,
+    /// Seconds one of a template's commands may take.
+    #[arg(long, env = "CONDUCTOR_OS_COMMAND_TIMEOUT", default_value_t = 600)]
+    os_command_timeout: u64,
+    /// What the cache of installed trees and disks may hold (G, T, MiB, … as in TDL).
+    #[arg(long, env = "CONDUCTOR_OS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    os_cache_size: u64,
+    /// Where installed trees, finished disks and downloaded packages are kept (default
+    /// `<data>/os-cache`); servers on one machine may share it.
+    #[arg(long, env = "CONDUCTOR_OS_CACHE")]
+    os_cache: Option<PathBuf>,
+}
+
+impl OsLimits {
+    fn settings(&self) -> conductor::os::Settings {
+        conductor::os::Settings {
+            mirrors: self.os_mirror.clone(),
+            step_deadline: std::time::Duration::from_secs(self.os_step_timeout.max(1)),
+            command_deadline: std::time::Duration::from_secs(self.os_command_timeout.max(1)),
+            cache_limit: self.os_cache_size,
+            cache_dir: self.os_cache.clone(),
+        }
+    }
 }
 
 /// What one client may hold (connections, time to send a request) and how password
@@ -207,6 +245,11 @@ const SETTINGS: &[(&str, &str)] = &[
     ("login_check_wait", "CONDUCTOR_LOGIN_CHECK_WAIT"),
     ("login_failures", "CONDUCTOR_LOGIN_FAILURES"),
     ("login_max_wait", "CONDUCTOR_LOGIN_MAX_WAIT"),
+    ("os_mirror", "CONDUCTOR_OS_MIRROR"),
+    ("os_step_timeout", "CONDUCTOR_OS_STEP_TIMEOUT"),
+    ("os_command_timeout", "CONDUCTOR_OS_COMMAND_TIMEOUT"),
+    ("os_cache_size", "CONDUCTOR_OS_CACHE_SIZE"),
+    ("os_cache", "CONDUCTOR_OS_CACHE"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];
@@ -217,6 +260,15 @@ fn parse_size(raw: &str) -> Result<u64, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The OS installer's sandbox runs this binary to make a user namespace; that must
+    // happen before any thread starts (os/userns.rs).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == conductor::os::userns::ENTRY)
+    {
+        conductor::os::userns::exec(&args[2..]);
+    }
     apply_config_file()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -320,6 +372,7 @@ async fn run() -> anyhow::Result<()> {
             fetch_timeout,
             fetch_stall,
             edge,
+            os,
         } => {
             let mut fetch = conductor::fetch::FetchPolicy::default()
                 .allow(&fetch_allow)
@@ -347,6 +400,7 @@ async fn run() -> anyhow::Result<()> {
                 fetch,
                 connections: edge.connections(),
                 logins: edge.logins(),
+                os: os.settings(),
             })
             .await;
         }

@@ -42,6 +42,8 @@ pub struct Config {
     pub connections: connections::Limits,
     /// How many password checks run at once, and how wrong passwords are slowed down.
     pub logins: LoginLimits,
+    /// Which mirrors OS installs may use, their deadlines and their cache's size.
+    pub os: crate::os::Settings,
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -96,6 +98,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let blobs = Arc::new(Blobs::open(&config.data).context("opening the blob store")?);
     let fetch = Arc::new(config.fetch.clone());
+    let installer = Arc::new(
+        crate::os::Installer::new(&config.data, config.os.clone())
+            .context("creating the OS install folders")?,
+    );
+    for line in installer.describe() {
+        tracing::info!("OS installs: {line}");
+    }
     let jobs = Arc::new(Jobs::new(
         store.clone(),
         plugins.clone(),
@@ -103,6 +112,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         paths,
         config.import_dir.clone(),
         fetch.clone(),
+        installer,
         config.concurrency,
     ));
     // Blobs of records deleted while the server was down, or of builds that finished

@@ -14,6 +14,7 @@ mod hostile_input;
 mod hostile_tenants;
 mod jobs;
 mod openstack;
+mod os_builds;
 mod providers;
 mod pushes;
 mod replay;

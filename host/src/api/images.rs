@@ -802,6 +802,15 @@ async fn build(
             Ok(BaseImage { url, sha256: None })
         })
         .transpose()?;
+    // An OS this server installs must come from a mirror the operator allows; refused
+    // now, with the reason, rather than failed later.
+    if base_image.is_none() {
+        state
+            .jobs
+            .installer()
+            .plan(&template)
+            .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
+    }
     // With a base image the disk is the base image's size, held to the same limit when
     // it is fetched.
     let max = state.fetch.max_bytes;

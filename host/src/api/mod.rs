@@ -323,6 +323,7 @@ pub fn router(state: Shared) -> Router {
             get(target_images::show).delete(target_images::delete),
         )
         .route("/api/target_images/{id}/data", get(target_images::data))
+        .route("/api/target_images/{id}/log", get(target_images::log))
         .route(
             "/api/target_images/{id}/cancel",
             post(target_images::cancel),

@@ -302,6 +302,72 @@ fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     Some(Ok(range))
 }
 
+/// The most of a build log one answer carries; a client reads on with `?offset=`.
+const LOG_CHUNK: u64 = 4 << 20;
+
+#[derive(serde::Deserialize)]
+pub struct LogQuery {
+    offset: Option<u64>,
+}
+
+/// `GET /api/target_images/:id/log[?offset=N]`: the build log as plain text, from byte
+/// `offset` on (at most 4 MiB per answer). `X-Log-Offset` says where the next read
+/// starts and `X-Log-Complete: true` that the build has ended, so a client follows a
+/// running build by asking again from there.
+pub async fn log(
+    State(state): State<Shared>,
+    Extension(user): Extension<CurrentUser>,
+    Path(raw): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> ApiResult {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    use std::io::{Read, Seek};
+
+    let missing = || ti_not_found(&raw);
+    let id = parse_id(&raw).ok_or_else(missing)?;
+    visible(&state, &user, id, None)
+        .await?
+        .ok_or_else(missing)?;
+    let ti = blocking(&state, move |store| store.target_image(id))
+        .await?
+        .ok_or_else(missing)?;
+    let path = state.jobs.paths().log(id);
+    let offset = query.offset.unwrap_or(0);
+    let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            // Not started yet, or built before logs were kept.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        let mut bytes = Vec::new();
+        file.take(LOG_CHUNK).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let next = offset + bytes.len() as u64;
+    let complete = ti.progress.status.is_terminal();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                header::HeaderName::from_static("x-log-offset"),
+                next.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-log-complete"),
+                complete.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
 /// `GET /api/target_images/:id/data`: the built image, with `Range` support so large
 /// downloads can resume. 404 until the build is complete.
 pub async fn data(

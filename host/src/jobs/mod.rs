@@ -10,6 +10,7 @@ use crate::fetch::FetchPolicy;
 use crate::model::{
     self, Account, Disk, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
 };
+use crate::os::{self, Installer};
 use crate::plugins::{
     self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Stop, StopReason, Target,
     TemplateFacts,
@@ -62,19 +63,28 @@ pub enum JobError {
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub work: PathBuf,
+    /// Build logs, one per target image: `<data>/logs/<target image id>.log`.
+    pub logs: PathBuf,
 }
 
 impl Paths {
     pub fn new(data: &Path) -> std::io::Result<Paths> {
         let paths = Paths {
             work: data.join("work"),
+            logs: data.join("logs"),
         };
         std::fs::create_dir_all(&paths.work)?;
+        std::fs::create_dir_all(&paths.logs)?;
         Ok(paths)
     }
 
     fn work_dir(&self, id: Id) -> PathBuf {
         self.work.join(id.to_string())
+    }
+
+    /// The build log of a target image.
+    pub fn log(&self, target_image: Id) -> PathBuf {
+        self.logs.join(format!("{target_image}.log"))
     }
 }
 
@@ -174,6 +184,8 @@ pub struct Jobs {
     import_dir: Option<PathBuf>,
     /// What base image downloads may reach and how large they may be.
     fetch: Arc<FetchPolicy>,
+    /// Installs the OS a template names, before the plugin's part of a build.
+    installer: Arc<Installer>,
     concurrency: Concurrency,
     permits: Arc<Semaphore>,
     /// Jobs running per target name and per environment.
@@ -184,6 +196,7 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<Store>,
         plugins: Arc<Plugins>,
@@ -191,6 +204,7 @@ impl Jobs {
         paths: Paths,
         import_dir: Option<PathBuf>,
         fetch: Arc<FetchPolicy>,
+        installer: Arc<Installer>,
         concurrency: Concurrency,
     ) -> Jobs {
         Jobs {
@@ -200,12 +214,23 @@ impl Jobs {
             paths,
             import_dir,
             fetch,
+            installer,
             concurrency,
             permits: Arc::new(Semaphore::new(concurrency.workers.max(1))),
             gates: Arc::new(Gates::default()),
             running: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// What decides which templates get an OS installed, for checks at request time.
+    pub fn installer(&self) -> &Installer {
+        &self.installer
+    }
+
+    /// Where build logs are kept.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     /// Every status change and progress report, as it is written.
@@ -373,9 +398,20 @@ impl Jobs {
 
     /// Removes every blob no target image references. Blocking.
     pub fn collect_blobs(&self) -> Result<usize, JobError> {
-        let referenced = self
-            .store
-            .target_images(None)?
+        let target_images = self.store.target_images(None)?;
+        // Build logs go with their target images.
+        let kept: std::collections::HashSet<String> = target_images
+            .iter()
+            .map(|ti| format!("{}.log", ti.id))
+            .collect();
+        if let Ok(logs) = std::fs::read_dir(&self.paths.logs) {
+            for log in logs.flatten() {
+                if !kept.contains(log.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_file(log.path());
+                }
+            }
+        }
+        let referenced = target_images
             .into_iter()
             .filter_map(|ti| ti.disk.map(|d| d.sha256))
             .collect();
@@ -713,9 +749,16 @@ impl Jobs {
                 .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
             Ok(Step::Done(Err(reason)))
         };
-        let facts = match self.template_for(ti)? {
-            Ok(facts) => facts,
+        let (facts, template) = match self.template_for(ti)? {
+            Ok(found) => found,
             Err(reason) => return failed(reason),
+        };
+        // The OS the template names, when this server installs it and the build does not
+        // start from a base image.
+        let plan = match (&ti.base_image, self.installer.plan(&template)) {
+            (Some(_), _) => None,
+            (None, Ok(plan)) => plan,
+            (None, Err(reason)) => return failed(reason),
         };
         let Some(plugin) = self.plugins.get(&ti.target) else {
             return failed(format!(
@@ -727,6 +770,12 @@ impl Jobs {
         let _ = std::fs::remove_dir_all(work);
         std::fs::create_dir_all(work)
             .map_err(|e| JobError::Io(format!("{}: {e}", work.display())))?;
+        let log = os::Log::to_file(&self.paths.log(ti.id))
+            .map_err(|e| JobError::Io(format!("opening the build log: {e}")))?;
+        log.line(&format!(
+            "== build of target image {} for {}, attempt {}: {} {} {}",
+            ti.id, ti.target, job.attempts, facts.os_name, facts.os_version, facts.arch
+        ));
         let base = work.join("base.raw");
         let output = work.join("output");
         let mut facts = facts;
@@ -780,14 +829,30 @@ impl Jobs {
                     Err(error) => return failed(error.to_string()),
                 }
             }
-            None => plugins::create_blank(&base, facts.disk_size)
-                .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?,
+            None => match &plan {
+                Some(plan) => {
+                    if let Some(step) = self.install_os(ti, job, plan, &base, &log, stop)? {
+                        return Ok(step);
+                    }
+                }
+                None => {
+                    log.line(&format!("a blank base disk of {} bytes", facts.disk_size));
+                    plugins::create_blank(&base, facts.disk_size)
+                        .map_err(|e| JobError::Io(format!("creating the base disk: {e}")))?
+                }
+            },
         }
 
         let base_size = std::fs::metadata(&base)
             .map_err(|e| JobError::Io(format!("reading the base disk's size: {e}")))?
             .len();
-        let mut context = self.progress_context(ti.id, JobKind::Build);
+        // After an install, the plugin's part is the last fifth of the build.
+        let floor = if plan.is_some() {
+            os::INSTALLED_PERCENT
+        } else {
+            0
+        };
+        let mut context = self.progress_context_from(ti.id, JobKind::Build, floor, PROGRESS_EVERY);
         context.state = None;
         context.stop = stop.clone();
         let started = Instant::now();
@@ -800,6 +865,19 @@ impl Jobs {
             &ti.parameters,
         );
         tracing::info!(job = %ti.id, target = %ti.target, elapsed = ?started.elapsed(), ok = result.is_ok(), "build finished");
+        log.line(&match &result {
+            Ok(built) => format!(
+                "== the {} plugin built a {} image in {:.1} s",
+                ti.target,
+                built.format.as_str(),
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!(
+                "== the {} plugin's build failed: {}",
+                ti.target,
+                describe(e)
+            ),
+        });
 
         let built = match result {
             Ok(built) => built,
@@ -828,7 +906,7 @@ impl Jobs {
         self.blobs
             .ingest(&output, &blob)
             .map_err(|e| JobError::Io(format!("storing the built image: {e}")))?;
-        let blank_note = if ti.base_image.is_some() {
+        let blank_note = if ti.base_image.is_some() || plan.is_some() {
             String::new()
         } else {
             facts_note(&facts)
@@ -840,7 +918,10 @@ impl Jobs {
             }
             ti.progress.status = Status::Complete;
             ti.progress.percent = 100;
-            ti.progress.activity = format!("built a {} image{blank_note}", built.format.as_str());
+            ti.progress.activity = match &plan {
+                Some(plan) => format!("built a {} image of {}", built.format.as_str(), plan.title),
+                None => format!("built a {} image{blank_note}", built.format.as_str()),
+            };
             ti.disk = Some(Disk {
                 sha256: blob.sha256.clone(),
                 format: built.format,
@@ -853,8 +934,65 @@ impl Jobs {
         Ok(Step::Done(Ok(())))
     }
 
+    /// Installs the plan's OS (or finds the disk an earlier target of the same build or
+    /// template made) and links it as the build's base disk. `Some(step)` when the build
+    /// ends here: failed, cancelled or stopped.
+    fn install_os(
+        &self,
+        ti: &TargetImage,
+        job: &Job,
+        plan: &os::Plan,
+        base: &Path,
+        log: &os::Log,
+        stop: &Stop,
+    ) -> Result<Option<Step>, JobError> {
+        log.line(&format!("== installing {}", plan.title));
+        // An install reports a few dozen stages, each worth showing: none is dropped.
+        let mut context = self.progress_context_from(ti.id, JobKind::Build, 0, Duration::ZERO);
+        let started = Instant::now();
+        let installed = self.installer.install(
+            plan,
+            log,
+            &mut |percent, activity| (context.progress)(percent, activity),
+            &|| stop.reason().is_some(),
+        );
+        tracing::info!(job = %ti.id, os = %plan.title, elapsed = ?started.elapsed(), ok = installed.is_ok(), "OS install finished");
+        let disk = match installed {
+            Ok(disk) => disk,
+            Err(e) if e.is_stop() => {
+                log.line("== stopped");
+                return on_plugin_error(job, stopped(stop), |change| {
+                    self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
+                })
+                .map(Some);
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                log.line(&format!("== failed: {reason}"));
+                self.store
+                    .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
+                return Ok(Some(Step::Done(Err(reason))));
+            }
+        };
+        // The cached disk is shared and never written: a link costs nothing; a copy is
+        // the fallback where links cannot be made.
+        if std::fs::hard_link(&disk, base).is_err() {
+            std::fs::copy(&disk, base)
+                .map_err(|e| JobError::Io(format!("copying the installed disk: {e}")))?;
+        }
+        log.line(&format!(
+            "== installed {} in {:.0} s",
+            plan.title,
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(None)
+    }
+
     /// The template facts for a target image's build, or why there are none.
-    fn template_for(&self, ti: &TargetImage) -> Result<Result<TemplateFacts, String>, StoreError> {
+    fn template_for(
+        &self,
+        ti: &TargetImage,
+    ) -> Result<Result<(TemplateFacts, model::tdl::Template), String>, StoreError> {
         let Some(build) = self.store.build(ti.build_id)? else {
             return Ok(Err(
                 "the build this target image belongs to was deleted".into()
@@ -866,15 +1004,18 @@ impl Jobs {
             ));
         };
         Ok(match model::tdl::parse(&image.template) {
-            Ok(t) => Ok(TemplateFacts {
-                xml: image.template.clone(),
-                name: t.name,
-                os_name: t.os_name,
-                os_version: t.os_version,
-                arch: t.arch,
-                disk_size: t.disk_size,
-                install: t.install,
-            }),
+            Ok(t) => Ok((
+                TemplateFacts {
+                    xml: image.template.clone(),
+                    name: t.name.clone(),
+                    os_name: t.os_name.clone(),
+                    os_version: t.os_version.clone(),
+                    arch: t.arch.clone(),
+                    disk_size: t.disk_size,
+                    install: t.install.clone(),
+                },
+                t,
+            )),
             Err(e) => Err(format!("the stored template is not valid: {e}")),
         })
     }
@@ -895,7 +1036,7 @@ impl Jobs {
             ("conductor.target-image".to_owned(), ti.id.to_string()),
             ("conductor.provider-image".to_owned(), pi.id.to_string()),
         ]);
-        if let Ok(facts) = self.template_for(&ti)? {
+        if let Ok((facts, _)) = self.template_for(&ti)? {
             parameters.extend([
                 ("template.name".to_owned(), facts.name),
                 ("template.os-name".to_owned(), facts.os_name),
@@ -1025,12 +1166,26 @@ impl Jobs {
     /// passes early: a plugin repeating 100 % in a loop is held to the pace like any
     /// other, so no plugin can turn its reports into a stream of writes.
     fn progress_context(&self, id: Id, kind: JobKind) -> CallContext {
+        self.progress_context_from(id, kind, 0, PROGRESS_EVERY)
+    }
+
+    /// A call context whose progress reports fill the percent from `floor` to 100.
+    /// Reports closer together than `every` are dropped (a plugin may report thousands).
+    fn progress_context_from(
+        &self,
+        id: Id,
+        kind: JobKind,
+        floor: u8,
+        every: Duration,
+    ) -> CallContext {
         let store = self.store.clone();
         let changes = self.changes.clone();
         let mut last: Option<(Instant, u8)> = None;
         let progress = Box::new(move |percent: u8, activity: &str| {
+            let percent =
+                floor + (u16::from(percent.min(100)) * u16::from(100 - floor.min(100)) / 100) as u8;
             if let Some((at, written)) = last
-                && at.elapsed() < PROGRESS_EVERY
+                && at.elapsed() < every
                 && (percent < 100 || written == 100)
             {
                 return;

@@ -74,6 +74,54 @@ pub struct Template {
     /// How the OS would be installed: Some("url" | "iso") for an install tree, None when the
     /// schema version has none. Both TDL schemas require `<install>`, so `parse` always fills it.
     pub install: Option<String>,
+    /// What the template puts into the OS: where it comes from, packages, files, commands.
+    pub content: Content,
+}
+
+/// What a template asks to be put into the OS it installs (Oz's customizations).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Content {
+    /// `<install type='url'><url>`: the package mirror the OS is installed from.
+    pub install_url: Option<String>,
+    /// `<rootpw>`, as written; `None` leaves root without a password.
+    pub root_password: Option<String>,
+    /// `<packages>`, by name, in document order.
+    pub packages: Vec<String>,
+    /// `<repositories>`: extra package sources.
+    pub repositories: Vec<Repository>,
+    /// `<files>`: written into the OS after its packages.
+    pub files: Vec<File>,
+    /// `<precommands>`, then `<commands>`: run as root in the OS, in order (by `@position`
+    /// when the commands carry one, else as written).
+    pub precommands: Vec<Command>,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repository {
+    pub name: String,
+    pub url: String,
+    /// `<signed>`: whether the source's packages must be signed (Oz's default: no).
+    pub signed: bool,
+}
+
+/// The body of a file or command: given in the template, or a URL to fetch it from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Bytes(Vec<u8>),
+    Url(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    pub path: String,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub name: String,
+    pub body: Body,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,7 +175,82 @@ fn extract(root: &Node) -> Option<Template> {
         arch: text(os, "arch")?,
         disk_size,
         install: install.map(|kind| xml_trim(kind).to_owned()),
+        content: content(root, os),
     })
+}
+
+/// Reads the customizations out of a validated tree.
+fn content(root: &Node, os: &Node) -> Content {
+    let text = |node: &Node, name: &str| child(node, name).map(|c| xml_trim(&c.text).to_owned());
+    let body = |node: &Node| match attr(node, "type").map(xml_trim) {
+        Some("base64") => {
+            use base64::Engine as _;
+            let compact: String = node.text.split_ascii_whitespace().collect();
+            // Validation has checked the encoding.
+            Body::Bytes(
+                base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .unwrap_or_default(),
+            )
+        }
+        Some("url") => Body::Url(xml_trim(&node.text).to_owned()),
+        _ => Body::Bytes(node.text.clone().into_bytes()),
+    };
+    let commands = |list: Option<&Node>| {
+        let mut commands: Vec<(u64, Command)> = list
+            .map(|list| &list.children[..])
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(at, c)| {
+                let position = attr(c, "position")
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(at as u64);
+                let name = attr(c, "name").unwrap_or_default().to_owned();
+                (
+                    position,
+                    Command {
+                        name,
+                        body: body(c),
+                    },
+                )
+            })
+            .collect();
+        commands.sort_by_key(|(position, _)| *position);
+        commands.into_iter().map(|(_, c)| c).collect()
+    };
+    let children = |name: &str| {
+        child(root, name)
+            .map(|list| list.children.iter().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    Content {
+        install_url: child(os, "install").and_then(|i| text(i, "url")),
+        root_password: child(os, "rootpw").map(|p| p.text.clone()),
+        packages: children("packages")
+            .into_iter()
+            .filter_map(|p| attr(p, "name").map(|n| xml_trim(n).to_owned()))
+            .collect(),
+        repositories: children("repositories")
+            .into_iter()
+            .map(|r| Repository {
+                name: attr(r, "name").unwrap_or_default().to_owned(),
+                url: text(r, "url").unwrap_or_default(),
+                signed: text(r, "signed").is_some_and(|s| {
+                    s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("yes")
+                }),
+            })
+            .collect(),
+        files: children("files")
+            .into_iter()
+            .map(|f| File {
+                path: attr(f, "name").unwrap_or_default().to_owned(),
+                body: body(f),
+            })
+            .collect(),
+        precommands: commands(child(root, "precommands")),
+        commands: commands(child(root, "commands")),
+    }
 }
 
 /// An element as the checker needs it; the text of mixed content is concatenated because the
@@ -626,6 +749,19 @@ mod tests {
             arch: "x86_64".to_owned(),
             disk_size: 10 << 30,
             install: Some("url".to_owned()),
+            content: Content {
+                install_url: Some(
+                    "http://download.fedoraproject.org/pub/fedora/linux/releases/14/Fedora/x86_64/os/"
+                        .to_owned(),
+                ),
+                root_password: Some("password".to_owned()),
+                repositories: vec![Repository {
+                    name: "custom".to_owned(),
+                    url: "http://repos.fedorapeople.org/repos/aeolus/demo/webapp/".to_owned(),
+                    signed: false,
+                }],
+                ..Content::default()
+            },
         };
         assert_eq!(parse(AEOLUS), Ok(expected));
     }
@@ -640,6 +776,48 @@ mod tests {
             arch: "aarch64".to_owned(),
             disk_size: 20 << 30,
             install: Some("iso".to_owned()),
+            content: Content {
+                install_url: None,
+                root_password: None,
+                packages: vec!["httpd".to_owned(), "vim".to_owned()],
+                repositories: vec![Repository {
+                    name: "r".to_owned(),
+                    url: "http://r/".to_owned(),
+                    signed: true,
+                }],
+                files: vec![
+                    File {
+                        path: "/a".to_owned(),
+                        body: Body::Bytes(b"raw".to_vec()),
+                    },
+                    File {
+                        path: "/b".to_owned(),
+                        body: Body::Bytes(b"hello".to_vec()),
+                    },
+                    File {
+                        path: "/c".to_owned(),
+                        body: Body::Bytes(vec![]),
+                    },
+                    File {
+                        path: "/d".to_owned(),
+                        body: Body::Url("file:///x".to_owned()),
+                    },
+                ],
+                precommands: vec![Command {
+                    name: "p".to_owned(),
+                    body: Body::Bytes(b"true".to_vec()),
+                }],
+                commands: vec![
+                    Command {
+                        name: "c".to_owned(),
+                        body: Body::Bytes(b"echo <hi>".to_vec()),
+                    },
+                    Command {
+                        name: "d".to_owned(),
+                        body: Body::Bytes(b"echo".to_vec()),
+                    },
+                ],
+            },
         };
         assert_eq!(parse(EVERYTHING), Ok(expected));
     }

@@ -1,0 +1,874 @@
+//! Debian, installed without a virtual machine, loop devices or mounts: mmdebstrap makes
+//! the root tree from the mirror; the template's files and commands are applied to a
+//! copy of it inside bubblewrap; mkfs.ext4 turns the tree into the root filesystem,
+//! mkfs.vfat and mtools make the EFI system partition with systemd-boot (and syslinux
+//! for BIOS), and sfdisk lays both out on a GPT disk. The result boots under UEFI and
+//! under BIOS.
+
+use super::run::{Log, Step, StepError, run};
+use super::{Customization, InstallError, Progress, Settings};
+use crate::model::tdl::{Content, Template};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The programs an install runs on the host.
+pub const PROGRAMS: &[&str] = &[
+    "mmdebstrap",
+    "bwrap",
+    "cp",
+    "mkfs.ext4",
+    "mkfs.vfat",
+    "mmd",
+    "mcopy",
+    "sfdisk",
+    "syslinux",
+];
+/// syslinux's boot code for a GPT disk's MBR: it starts the partition marked
+/// LegacyBIOSBootable, so the same disk boots under BIOS as well as UEFI.
+const GPT_MBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
+/// The Debian packages that hold them.
+pub const HOST_PACKAGES: &str =
+    "mmdebstrap bubblewrap e2fsprogs dosfstools mtools fdisk syslinux syslinux-common";
+pub const SUPPORTED: &str = "Debian 12 (bookworm) x86_64";
+/// The installed system takes about 700 MiB; a root filesystem needs room besides.
+pub const MIN_DISK: u64 = 2 << 30;
+/// What one more install adds to the cache, for collection to leave room.
+pub const TYPICAL_INSTALL: u64 = 2 << 30;
+/// The EFI system partition: kernel, initramfs and systemd-boot fit with room for two
+/// kernels.
+const ESP_MIB: u64 = 256;
+/// What every image gets: an init system, the UEFI boot loader, and fsck for its root.
+/// The kernel comes after them (see `install_tree`).
+const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "initramfs-tools",
+    "systemd-boot-efi",
+    "zstd",
+    "e2fsprogs",
+];
+const KERNEL: &str = "linux-image-amd64";
+const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const ROOT_X86_64_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+
+/// A Debian release to install, and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    version: &'static str,
+    suite: &'static str,
+    mirror: String,
+    /// The security archive, when the operator allows one.
+    security: Option<String>,
+    /// Sorted, without duplicates: the tree's identity does not depend on their order.
+    packages: Vec<String>,
+    /// `deb …` lines for the template's repositories, by name.
+    repositories: Vec<(String, String)>,
+}
+
+/// The release a template names, if it is one this module installs.
+pub fn release(template: &Template) -> Option<Release> {
+    if !template.os_name.eq_ignore_ascii_case("debian") || template.arch != "x86_64" {
+        return None;
+    }
+    let (version, suite) = match template.os_version.trim().to_ascii_lowercase().as_str() {
+        "12" | "bookworm" => ("12", "bookworm"),
+        _ => return None,
+    };
+    Some(Release {
+        version,
+        suite,
+        mirror: String::new(),
+        security: None,
+        packages: Vec::new(),
+        repositories: Vec::new(),
+    })
+}
+
+/// A repository's `<url>`: a mirror URL, optionally followed by its suite and
+/// components (`http://mirror/debian bookworm main contrib`). Returns the URL.
+pub fn repository_url(url: &str) -> Result<&str, String> {
+    let first = url.split_whitespace().next().unwrap_or_default();
+    if !(first.starts_with("http://") || first.starts_with("https://")) {
+        return Err(format!(
+            "repository url '{url}' must be an http(s) mirror URL, optionally followed by a suite and components"
+        ));
+    }
+    if url.chars().any(|c| c.is_control()) {
+        return Err("a repository url may not hold control characters".into());
+    }
+    Ok(first)
+}
+
+/// Debian's rule for package names, so that a name can never be read as an option.
+pub fn package_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() >= 2
+        && name.len() <= 128
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("'{name}' is not a Debian package name"))
+    }
+}
+
+/// A file's path in the image: absolute, no `..`, no NUL.
+pub fn file_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/')
+        || path.ends_with('/')
+        || path.split('/').any(|part| part == "..")
+        || path.contains('\0')
+    {
+        return Err(format!(
+            "file name '{path}' must be an absolute path to a file, without '..'"
+        ));
+    }
+    Ok(())
+}
+
+impl Release {
+    pub fn title(&self) -> String {
+        format!("Debian {} ({}) x86_64", self.version, self.suite)
+    }
+
+    /// The release installed from `mirror` with what `content` asks for.
+    pub fn with(mut self, mirror: &str, content: &Content, allowed: &[String]) -> Release {
+        self.mirror = mirror.trim().to_owned();
+        self.security = allowed
+            .iter()
+            .find(|m| m.trim_end_matches('/').ends_with("-security"))
+            .cloned();
+        let mut packages = content.packages.clone();
+        packages.sort();
+        packages.dedup();
+        self.packages = packages;
+        self.repositories = content
+            .repositories
+            .iter()
+            .map(|r| {
+                let mut words = r.url.split_whitespace();
+                let url = words.next().unwrap_or_default();
+                let rest: Vec<&str> = words.collect();
+                let rest = if rest.is_empty() {
+                    format!("{} main", self.suite)
+                } else {
+                    rest.join(" ")
+                };
+                let trusted = if r.signed { "" } else { "[trusted=yes] " };
+                (r.name.clone(), format!("deb {trusted}{url} {rest}"))
+            })
+            .collect();
+        self
+    }
+
+    /// What identifies an installed tree: everything that decides its content.
+    pub fn tree_key(&self) -> String {
+        let identity = format!(
+            "debian-tree-1\0{}\0amd64\0{}\0{:?}\0{:?}\0{:?}",
+            self.suite, self.mirror, self.security, self.packages, self.repositories
+        );
+        super::hex(&Sha256::digest(identity))
+    }
+
+    fn sources(&self) -> Vec<String> {
+        let mut sources = vec![
+            format!("deb {} {} main", self.mirror, self.suite),
+            format!("deb {} {}-updates main", self.mirror, self.suite),
+        ];
+        if let Some(security) = &self.security {
+            sources.push(format!("deb {security} {}-security main", self.suite));
+        }
+        sources.extend(self.repositories.iter().map(|(_, line)| line.clone()));
+        sources
+    }
+}
+
+/// Percent of the whole build at which each line mmdebstrap prints begins, and what a
+/// user is told then.
+const INSTALL_STAGES: &[(&str, u8, &str)] = &[
+    ("I: running apt-get update", 2, "fetching the package lists"),
+    ("I: downloading packages", 6, "downloading packages"),
+    (
+        "I: extracting archives",
+        12,
+        "unpacking the essential packages",
+    ),
+    (
+        "I: installing essential packages",
+        18,
+        "installing the essential packages",
+    ),
+    (
+        "I: installing remaining packages",
+        28,
+        "installing the kernel and packages",
+    ),
+    (
+        "I: running --customize-hook",
+        46,
+        "keeping the downloaded packages",
+    ),
+    ("I: cleaning package lists", 48, "cleaning up"),
+];
+
+/// Runs mmdebstrap into a new tree under `work`; returns the tree.
+pub fn install_tree(
+    release: &Release,
+    settings: &Settings,
+    packages: &Path,
+    work: &Path,
+    log: &Log,
+    progress: Progress,
+    stopped: &dyn Fn() -> bool,
+) -> Result<PathBuf, InstallError> {
+    let tree = work.join("tree");
+    let mut include: Vec<String> = BASE_PACKAGES.iter().map(|p| p.to_string()).collect();
+    include.extend(release.packages.iter().cloned());
+    progress(1, &format!("installing {}", release.title()));
+    let (sender, receiver) = std::sync::mpsc::channel::<(u8, &'static str)>();
+    log.watch(move |line| {
+        if let Some((_, percent, activity)) = INSTALL_STAGES
+            .iter()
+            .find(|(start, _, _)| line.starts_with(start))
+        {
+            let _ = sender.send((*percent, activity));
+        }
+    });
+    let cache = packages.display().to_string();
+    let mut args = vec![
+        "--mode=unshare".to_owned(),
+        "--variant=minbase".to_owned(),
+        "--verbose".to_owned(),
+        format!("--include={}", include.join(",")),
+        // The package cache: what was downloaded once is not downloaded again.
+        "--skip=essential/unlink".to_owned(),
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/".to_owned(),
+        format!("--setup-hook=sync-in {cache} /var/cache/apt/archives/"),
+        // The initramfs is made on this host, where `LABEL=root` names nothing: told the
+        // root's type, it carries fsck for it.
+        "--essential-hook=mkdir -p \"$1\"/etc/initramfs-tools/conf.d && echo FSTYPE=ext4 > \"$1\"/etc/initramfs-tools/conf.d/rootfs".to_owned(),
+        // The kernel last, by itself: in --include, its initramfs would be made twice
+        // (by its own script and again by initramfs-tools' trigger), some 20 s more.
+        format!("--customize-hook=chroot \"$1\" apt-get install -y --no-install-recommends {KERNEL}"),
+        format!("--customize-hook=sync-out /var/cache/apt/archives {cache}"),
+        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb".to_owned(),
+        release.suite.to_owned(),
+        tree.display().to_string(),
+    ];
+    args.extend(release.sources());
+    let step = Step {
+        what: format!(
+            "installing {} and packages {}",
+            release.title(),
+            include.join(", ")
+        ),
+        program: "mmdebstrap".into(),
+        args,
+        deadline: settings.step_deadline,
+        env: vec![],
+        stdin: None,
+    };
+    // Progress is read from the log as lines arrive, on this thread, between polls.
+    let progress = std::cell::RefCell::new(progress);
+    let result = run(&step, work, log, &|| {
+        while let Ok((percent, activity)) = receiver.try_recv() {
+            (progress.borrow_mut())(percent, activity);
+        }
+        stopped()
+    });
+    log.watch(|_| {});
+    result.map_err(|e| match e {
+        StepError::Failed { status, tail, .. } => InstallError::Io(format!(
+            "installing {} failed (mmdebstrap exit status {status}); {}",
+            release.title(),
+            why_install_failed(&tail)
+        )),
+        e => e.into(),
+    })?;
+    Ok(tree)
+}
+
+/// The failure's reason in a user's words where mmdebstrap's output says it, followed
+/// by the output's last lines.
+fn why_install_failed(tail: &str) -> String {
+    let missing: Vec<&str> = tail
+        .lines()
+        .filter_map(|l| l.split("Unable to locate package ").nth(1))
+        .map(str::trim)
+        .collect();
+    let reason = if !missing.is_empty() {
+        format!("no such package on the mirror: {}", missing.join(", "))
+    } else if tail.contains("Failed to fetch") || tail.contains("Could not resolve") {
+        "the mirror could not be reached".to_owned()
+    } else {
+        "see its last output".to_owned()
+    };
+    format!("{reason}; its last output:\n{tail}")
+}
+
+/// Makes the disk: a copy of `tree` with the template's content, its root filesystem,
+/// the EFI system partition, and the GPT disk holding both. Returns the disk.
+#[allow(clippy::too_many_arguments)]
+pub fn make_disk(
+    release: &Release,
+    content: &Customization,
+    settings: &Settings,
+    tree: &Path,
+    disk_size: u64,
+    work: &Path,
+    log: &Log,
+    progress: Progress,
+    stopped: &dyn Fn() -> bool,
+) -> Result<PathBuf, InstallError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |e: std::io::Error| InstallError::io(&what, e)
+    };
+    let copy = work.join("tree");
+    let control = work.join("control");
+    let boot = work.join("boot");
+    std::fs::create_dir_all(&control).map_err(io("making the work directory"))?;
+    std::fs::create_dir_all(&boot).map_err(io("making the work directory"))?;
+    let step = |what: &str, program: &str, args: Vec<String>| Step {
+        what: what.to_owned(),
+        program: program.into(),
+        args,
+        deadline: settings.step_deadline,
+        env: vec![("MTOOLS_SKIP_CHECK".into(), "1".into())],
+        stdin: None,
+    };
+    let sandbox = |what: &str, extra: &[&str], command: &[&str], deadline| Step {
+        what: what.to_owned(),
+        program: super::own_binary(),
+        args: sandbox_args(&copy, &control, extra, command),
+        deadline,
+        env: vec![],
+        stdin: None,
+    };
+
+    progress(50, "copying the installed tree");
+    let mut cp = step(
+        "copying the installed tree",
+        "cp",
+        vec![
+            "-a".into(),
+            "--reflink=auto".into(),
+            tree.display().to_string(),
+            copy.display().to_string(),
+        ],
+    );
+    cp.deadline = settings.step_deadline;
+    run(&cp, work, log, stopped)?;
+
+    progress(54, "configuring the system");
+    std::fs::write(control.join("configure.sh"), configure_script(release))
+        .map_err(io("writing the configuration script"))?;
+    if let Some(password) = &content.root_password {
+        std::fs::write(control.join("rootpw"), password)
+            .map_err(io("writing the root password"))?;
+    }
+    let configured = run(
+        &sandbox(
+            "configuring the system",
+            &[],
+            &["/bin/sh", "-e", "/run/control/configure.sh"],
+            settings.step_deadline,
+        ),
+        work,
+        log,
+        stopped,
+    );
+    let _ = std::fs::remove_file(control.join("rootpw"));
+    configured?;
+
+    if !content.files.is_empty() {
+        progress(58, "writing the template's files");
+        let files = work.join("files");
+        // Modes set here, not left to the server's umask: a file is 0644, and a folder
+        // the image lacks is made 0755. Folders it has keep theirs (--no-overwrite-dir).
+        let mode = |path: &Path, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        };
+        for (path, body) in &content.files {
+            let staged = files.join(path.trim_start_matches('/'));
+            if let Some(parent) = staged.parent() {
+                std::fs::create_dir_all(parent).map_err(io("staging the template's files"))?;
+            }
+            std::fs::write(&staged, body).map_err(io("staging the template's files"))?;
+            mode(&staged, 0o644).map_err(io("staging the template's files"))?;
+            let mut folder = staged.parent();
+            while let Some(dir) = folder.filter(|d| d.starts_with(&files)) {
+                mode(dir, 0o755).map_err(io("staging the template's files"))?;
+                folder = dir.parent();
+            }
+        }
+        // Copied inside the sandbox, so a symlink in the tree resolves inside the image,
+        // never on the host.
+        run(
+            &sandbox(
+                "writing the template's files",
+                &["--ro-bind", &files.display().to_string(), "/run/files"],
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "tar -C /run/files --owner=0 --group=0 --numeric-owner -cf - . | tar -C / --keep-directory-symlink --no-overwrite-dir -xpf -",
+                ],
+                settings.step_deadline,
+            ),
+            work,
+            log,
+            stopped,
+        )?;
+    }
+
+    for (at, (name, script)) in content.commands.iter().enumerate() {
+        progress(
+            60,
+            &format!(
+                "running the template's command '{name}' ({} of {})",
+                at + 1,
+                content.commands.len()
+            ),
+        );
+        let file = format!("command-{at}.sh");
+        std::fs::write(control.join(&file), script).map_err(io("writing a command"))?;
+        let path = format!("/run/control/{file}");
+        run(
+            &sandbox(
+                &format!("the template's command '{name}'"),
+                &[],
+                &["/bin/sh", "-e", &path],
+                settings.command_deadline,
+            ),
+            work,
+            log,
+            stopped,
+        )?;
+    }
+
+    progress(64, "finishing the system");
+    run(
+        &sandbox(
+            "finishing the system",
+            &["--bind", &boot.display().to_string(), "/run/boot"],
+            &["/bin/sh", "-e", "-c", FINISH],
+            settings.step_deadline,
+        ),
+        work,
+        log,
+        stopped,
+    )?;
+
+    progress(66, "making the root filesystem");
+    let mib = 1u64 << 20;
+    let disk_mib = disk_size / mib;
+    let root_start = 1 + ESP_MIB;
+    // The last MiB holds the backup GPT.
+    let root_mib = disk_mib - root_start - 1;
+    let root_img = work.join("root.img");
+    run(
+        &step(
+            "making the root filesystem",
+            "mkfs.ext4",
+            vec![
+                "-q".into(),
+                "-F".into(),
+                "-L".into(),
+                "root".into(),
+                "-d".into(),
+                copy.display().to_string(),
+                root_img.display().to_string(),
+                format!("{root_mib}M"),
+            ],
+        ),
+        work,
+        log,
+        stopped,
+    )?;
+
+    progress(74, "making the EFI system partition");
+    let esp = work.join("esp.img");
+    let esp_arg = esp.display().to_string();
+    run(
+        &step(
+            "making the EFI system partition",
+            "mkfs.vfat",
+            vec![
+                "-C".into(),
+                "-F".into(),
+                "32".into(),
+                // The partition's first sector: syslinux finds itself by it under BIOS.
+                "-h".into(),
+                "2048".into(),
+                "-n".into(),
+                "ESP".into(),
+                esp_arg.clone(),
+                (ESP_MIB * 1024).to_string(),
+            ],
+        ),
+        work,
+        log,
+        stopped,
+    )?;
+    std::fs::write(boot.join("loader.conf"), "default debian.conf\ntimeout 0\n")
+        .map_err(io("writing the boot loader's configuration"))?;
+    std::fs::write(
+        boot.join("debian.conf"),
+        format!(
+            "title {}\nlinux /vmlinuz\ninitrd /initrd.img\noptions root=LABEL=root rw console=tty0 console=ttyS0,115200\n",
+            release.title()
+        ),
+    )
+    .map_err(io("writing the boot entry"))?;
+    std::fs::write(
+        boot.join("syslinux.cfg"),
+        "DEFAULT debian\nPROMPT 0\nTIMEOUT 0\nSERIAL 0 115200\nLABEL debian\n  LINUX /vmlinuz\n  \
+         INITRD /initrd.img\n  APPEND root=LABEL=root rw console=tty0 console=ttyS0,115200\n",
+    )
+    .map_err(io("writing the BIOS boot loader's configuration"))?;
+    let image = esp_arg.clone();
+    let in_boot = |name: &str| boot.join(name).display().to_string();
+    let esp_steps: Vec<Vec<String>> = vec![
+        vec![
+            "mmd",
+            "-i",
+            &image,
+            "::/EFI",
+            "::/EFI/BOOT",
+            "::/loader",
+            "::/loader/entries",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect(),
+        vec![
+            "mcopy".into(),
+            "-i".into(),
+            image.clone(),
+            in_boot("BOOTX64.EFI"),
+            "::/EFI/BOOT/BOOTX64.EFI".into(),
+        ],
+        vec![
+            "mcopy".into(),
+            "-i".into(),
+            image.clone(),
+            in_boot("vmlinuz"),
+            in_boot("initrd.img"),
+            "::/".into(),
+        ],
+        vec![
+            "mcopy".into(),
+            "-i".into(),
+            image.clone(),
+            in_boot("loader.conf"),
+            "::/loader/loader.conf".into(),
+        ],
+        vec![
+            "mcopy".into(),
+            "-i".into(),
+            image.clone(),
+            in_boot("debian.conf"),
+            "::/loader/entries/debian.conf".into(),
+        ],
+        // BIOS: syslinux installs itself into the FAT file system through mtools.
+        vec![
+            "mmd".into(),
+            "-i".into(),
+            image.clone(),
+            "::/syslinux".into(),
+        ],
+        vec![
+            "syslinux".into(),
+            "--install".into(),
+            "--directory".into(),
+            "/syslinux".into(),
+            image.clone(),
+        ],
+        vec![
+            "mcopy".into(),
+            "-i".into(),
+            image.clone(),
+            in_boot("syslinux.cfg"),
+            "::/syslinux/syslinux.cfg".into(),
+        ],
+    ];
+    for mut args in esp_steps {
+        let program = args.remove(0);
+        run(
+            &step("filling the EFI system partition", &program, args),
+            work,
+            log,
+            stopped,
+        )?;
+    }
+
+    progress(78, "laying out the disk");
+    let disk = work.join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(disk_mib * mib))
+        .map_err(io("making the disk"))?;
+    let layout = work.join("layout.sfdisk");
+    std::fs::write(
+        &layout,
+        format!(
+            "label: gpt\n\
+             start=1MiB, size={ESP_MIB}MiB, type={ESP_TYPE}, name=\"esp\"\n\
+             start={root_start}MiB, size={root_mib}MiB, type={ROOT_X86_64_TYPE}, name=\"root\"\n"
+        ),
+    )
+    .map_err(io("writing the partition table"))?;
+    let mut sfdisk = step(
+        "writing the partition table",
+        "sfdisk",
+        vec!["-q".into(), disk.display().to_string()],
+    );
+    sfdisk.stdin = Some(layout);
+    run(&sfdisk, work, log, stopped)?;
+    let mbr = std::fs::read(GPT_MBR).map_err(io(GPT_MBR))?;
+    {
+        use std::os::unix::fs::FileExt;
+        let code = &mbr[..mbr.len().min(440)];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.write_all_at(code, 0))
+            .map_err(io("writing the BIOS boot code"))?;
+    }
+    run(
+        &step(
+            "marking the EFI system partition bootable under BIOS",
+            "sfdisk",
+            vec![
+                "-q".into(),
+                "--part-attrs".into(),
+                disk.display().to_string(),
+                "1".into(),
+                "LegacyBIOSBootable".into(),
+            ],
+        ),
+        work,
+        log,
+        stopped,
+    )?;
+    place(&esp, &disk, mib).map_err(io("writing the EFI system partition into the disk"))?;
+    place(&root_img, &disk, root_start * mib)
+        .map_err(io("writing the root filesystem into the disk"))?;
+    log.line(&format!(
+        "made a {} MiB GPT disk: EFI system partition (systemd-boot for UEFI, syslinux for BIOS) and ext4 root",
+        disk_mib
+    ));
+    progress(80, "installed the OS");
+    Ok(disk)
+}
+
+/// The sandbox's arguments to this binary: a user namespace of its own (see userns.rs),
+/// and in it bubblewrap with the tree as `/`, fresh /dev, /proc and /tmp, new mount, pid,
+/// network, IPC and UTS namespaces (so no network but loopback), no environment but a
+/// PATH, the control directory read-only at /run/control, killed with its parent.
+fn sandbox_args(tree: &Path, control: &Path, extra: &[&str], command: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        super::userns::ENTRY,
+        "bwrap",
+        "--bind",
+        &tree.display().to_string(),
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--ro-bind",
+        &control.display().to_string(),
+        "/run/control",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--hostname",
+        "localhost",
+        "--chdir",
+        "/",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--setenv",
+        "HOME",
+        "/root",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "DEBIAN_FRONTEND",
+        "noninteractive",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(command.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Our own configuration of the installed system, run inside the sandbox: fstab by
+/// label, hostname, a serial console, DHCP on the first network interface, the extra
+/// apt sources, and root's password hashed from the control directory or, without one,
+/// no password at all (locked).
+fn configure_script(release: &Release) -> String {
+    let mut sources = String::new();
+    for (name, line) in &release.repositories {
+        let file: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        sources.push_str(&format!(
+            "cat > /etc/apt/sources.list.d/{file}.list <<'CONDUCTOR_EOF'\n{line}\nCONDUCTOR_EOF\n"
+        ));
+    }
+    format!(
+        r#"printf 'LABEL=root / ext4 rw,errors=remount-ro 0 1\nLABEL=ESP /boot/efi vfat umask=0077,nofail 0 2\n' > /etc/fstab
+mkdir -p /boot/efi
+echo debian > /etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
+: > /etc/resolv.conf
+mkdir -p /etc/systemd/system/getty.target.wants /etc/systemd/network
+ln -sf /lib/systemd/system/serial-getty@.service /etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service
+printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n' > /etc/systemd/network/80-dhcp.network
+systemctl enable systemd-networkd.service
+{sources}if [ -f /run/control/rootpw ]; then
+  salt=$(head -c 12 /dev/urandom | base64 | tr '+' '.')
+  hash=$(perl -e 'open(my $f, "<", "/run/control/rootpw") or die; local $/; my $p = <$f>; print crypt($p, "\$6\$" . $ARGV[0] . "\$")' "$salt")
+  case "$hash" in '$6$'*) ;; *) echo "could not hash the root password" >&2; exit 1;; esac
+  usermod -p "$hash" root
+else
+  usermod -p '!' root
+fi
+"#
+    )
+}
+
+/// The last step inside the image: an empty machine-id (made at first boot), no host
+/// traces, and the kernel, initramfs and boot loader copied out for the EFI partition.
+const FINISH: &str = ": > /etc/machine-id
+rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /tmp/* /var/tmp/*
+cp -L /vmlinuz /run/boot/vmlinuz
+cp -L /initrd.img /run/boot/initrd.img
+cp -L /usr/lib/systemd/boot/efi/systemd-bootx64.efi /run/boot/BOOTX64.EFI
+";
+
+/// Writes `part` into `disk` at `offset`, leaving its zero blocks as holes.
+fn place(part: &Path, disk: &Path, offset: u64) -> std::io::Result<()> {
+    let mut from = std::fs::File::open(part)?;
+    let mut to = std::fs::OpenOptions::new().write(true).open(disk)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut at = offset;
+    loop {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            let n = from.read(&mut buffer[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        let chunk = &buffer[..filled];
+        if chunk.iter().any(|&b| b != 0) {
+            to.seek(SeekFrom::Start(at))?;
+            to.write_all(chunk)?;
+        }
+        at += filled as u64;
+    }
+    to.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_names_and_paths_that_could_be_read_as_something_else_are_refused() {
+        assert!(package_name("cowsay").is_ok());
+        assert!(package_name("libc6-dev").is_ok());
+        assert!(package_name("g++").is_ok());
+        for bad in ["-x", "--include=x", "a", "Caps", "a,b", "a b", ""] {
+            assert!(package_name(bad).is_err(), "{bad}");
+        }
+        assert!(file_path("/etc/motd").is_ok());
+        for bad in ["etc/motd", "/etc/../x", "/etc/", "/a\0b"] {
+            assert!(file_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_missing_package_is_named() {
+        let tail = "E: Unable to locate package no-such-package\nE: apt-get failed";
+        assert!(
+            why_install_failed(tail).starts_with("no such package on the mirror: no-such-package;")
+        );
+    }
+
+    #[test]
+    fn the_tree_key_depends_on_the_packages_not_their_order() {
+        let template = |packages: &[&str]| Template {
+            name: "t".into(),
+            description: String::new(),
+            os_name: "Debian".into(),
+            os_version: "12".into(),
+            arch: "x86_64".into(),
+            disk_size: 3 << 30,
+            install: Some("url".into()),
+            content: Content {
+                packages: packages.iter().map(|p| p.to_string()).collect(),
+                ..Content::default()
+            },
+        };
+        let key = |packages: &[&str]| {
+            let t = template(packages);
+            release(&t)
+                .expect("debian")
+                .with("http://m/debian", &t.content, &[])
+                .tree_key()
+        };
+        assert_eq!(key(&["a1", "b1"]), key(&["b1", "a1", "a1"]));
+        assert_ne!(key(&["a1"]), key(&["a1", "b1"]));
+    }
+
+    #[test]
+    fn placing_a_partition_keeps_its_zeros_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let part = dir.path().join("part");
+        let disk = dir.path().join("disk");
+        let mut bytes = vec![0u8; 8 << 20];
+        bytes[3 << 20] = 7;
+        std::fs::write(&part, &bytes).expect("part");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("disk");
+        place(&part, &disk, 1 << 20).expect("place");
+        let written = std::fs::read(&disk).expect("disk");
+        assert_eq!(written[(1 << 20) + (3 << 20)], 7);
+        assert_eq!(written.iter().filter(|&&b| b != 0).count(), 1);
+        assert!(std::fs::metadata(&disk).expect("meta").blocks() * 512 <= 2 << 20);
+    }
+}

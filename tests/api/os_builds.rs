@@ -1,0 +1,445 @@
+//! Real operating systems in the images: a Debian template builds a disk that boots
+//! (under qemu with TCG and OVMF, no network), with its package, file and commands; the
+//! failures name their cause; cancel and crashes leave nothing behind; a template's
+//! commands see neither the network nor the server's files.
+//!
+//! The mirror is the one this machine's apt sources name (nothing here names a host).
+//! Installed trees and downloaded packages are cached under target/ for every server of
+//! the run, and these tests take turns, so the run makes one cold install.
+
+use crate::harness::{Server, build_request, eventually};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// One OS test at a time: they share the cache, and two cold installs at once would
+/// only slow each other down.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A builds' own deadline: a cold install on two busy cores takes minutes.
+const BUILD_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+fn cache() -> String {
+    concat!(env!("CARGO_TARGET_TMPDIR"), "/os-cache").to_owned()
+}
+
+fn start(data: &Path) -> Server {
+    Server::start_with(data, &["--os-cache", &cache()])
+}
+
+/// The Debian mirror this machine installs from: the first `deb` URI of its apt sources
+/// that is not a security archive.
+fn machine_mirror() -> String {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let name = file.to_string_lossy().into_owned();
+        let uris: Vec<String> = if name.ends_with(".sources") {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("URIs:"))
+                .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect()
+        } else if name.ends_with(".list") {
+            text.lines()
+                .filter(|l| l.starts_with("deb "))
+                .filter_map(|l| l.split_whitespace().find(|w| w.contains("://")))
+                .map(str::to_owned)
+                .collect()
+        } else {
+            continue;
+        };
+        if let Some(uri) = uris
+            .into_iter()
+            .find(|u| u.contains("debian") && !u.contains("security"))
+        {
+            return uri;
+        }
+    }
+    panic!("this machine's apt sources name no Debian mirror");
+}
+
+/// A Debian 12 template: a 2 GiB disk, root's password, and what the test adds. Its
+/// description is new every time, and so is its root password's hash, so a disk an
+/// earlier run left in the shared cache is never reused: customization happens anew.
+fn debian(name: &str, mirror: &str, extra: &str) -> String {
+    let run = uuid::Uuid::now_v7();
+    format!(
+        "<template><name>{name}</name><description>run {run}</description><os><name>Debian</name>\
+         <version>12</version><arch>x86_64</arch><install type='url'><url>{mirror}</url></install>\
+         <rootpw>s3cret-{run}</rootpw></os>{extra}<disk><size>2G</size></disk></template>"
+    )
+}
+
+/// Posts a build and answers its one target image's path.
+async fn build(server: &Server, targets: &str, template: &str) -> String {
+    let reply = server
+        .post("/api/images", &build_request(targets, template, ""))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    format!("/api/target_images/{}", reply.ids("target_image")[0])
+}
+
+async fn wait(server: &Server, ti: &str) -> crate::harness::Reply {
+    let deadline = Instant::now() + BUILD_LIMIT;
+    loop {
+        let reply = server.get(ti).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        if ["COMPLETE", "FAILED", "CANCELLED"].contains(&reply.text("status").as_str()) {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ti} did not end: {}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_for_activity(server: &Server, ti: &str, words: &str) {
+    let deadline = Instant::now() + BUILD_LIMIT;
+    loop {
+        let reply = server.get(ti).await;
+        let activity = reply.text("activity");
+        if activity.contains(words) {
+            return;
+        }
+        assert!(
+            !["COMPLETE", "FAILED", "CANCELLED"].contains(&reply.text("status").as_str()),
+            "ended before '{words}': {}",
+            reply.body
+        );
+        assert!(Instant::now() < deadline, "never '{words}': {}", reply.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Streams a target image to a file.
+async fn download_to(server: &Server, ti: &str, path: &Path) {
+    use tokio::io::AsyncWriteExt;
+    let mut response = server
+        .request(reqwest::Method::GET, &format!("{ti}/data"))
+        .basic_auth("admin", Some(crate::harness::PASSWORD))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut file = tokio::fs::File::create(path).await.expect("image file");
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        file.write_all(&chunk).await.expect("write");
+    }
+    file.flush().await.expect("flush");
+}
+
+/// A file of the image's root filesystem (the second partition, after 1 MiB and the
+/// 256 MiB EFI system partition), read with debugfs: no mount needed.
+fn read_in_image(image: &Path, path: &str) -> String {
+    let output = std::process::Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(format!("{}?offset={}", image.display(), 257u64 << 20))
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The firmware a boot uses: OVMF, or qemu's own BIOS (SeaBIOS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    Uefi,
+    Bios,
+}
+
+/// Boots the image under qemu (TCG, no network, the disk read-only) until the
+/// serial console shows `marker`; answers the console's output.
+fn boot_until(image: &Path, firmware: Firmware, marker: &str, limit: Duration) -> String {
+    let dir = image.parent().expect("dir");
+    let console = dir.join(format!("console-{firmware:?}.log"));
+    let mut qemu = std::process::Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-machine", "q35"])
+        .args(["-smp", "1", "-m", "1024", "-nodefaults", "-display", "none"])
+        .args(["-no-reboot", "-nic", "none"]);
+    if firmware == Firmware::Uefi {
+        let vars = dir.join("vars.fd");
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF (package ovmf)");
+        qemu.arg("-drive")
+            .arg("if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    }
+    let mut qemu = qemu
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            image.display()
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 (package qemu-system-x86)");
+    let deadline = Instant::now() + limit;
+    let output = loop {
+        let output =
+            String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
+        if output.contains(marker) || Instant::now() > deadline {
+            break output;
+        }
+        if let Ok(Some(status)) = qemu.try_wait() {
+            panic!("{firmware:?}: qemu stopped ({status}) before the marker:\n{output}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    output
+}
+
+/// Processes whose command line holds `words`, other than this test's own.
+fn processes_running(words: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(words) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+#[tokio::test]
+async fn a_debian_template_builds_an_image_that_boots_with_its_package_file_and_commands() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start(&data);
+    // A service of the host's, as an emulator's port would be: a command must not reach it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("port").port();
+    let key = data.join("credentials.key");
+    assert!(
+        key.exists(),
+        "the server keeps its credentials key at {}",
+        key.display()
+    );
+    let probe = format!(
+        "bash -c 'if (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null; then echo network=reached; else echo network=refused; fi' > /etc/isolation\n\
+         if [ -e {key} ]; then echo key=visible >> /etc/isolation; else echo key=absent >> /etc/isolation; fi",
+        key = key.display()
+    );
+    // A unit that prints what the test looks for on the serial console at boot.
+    let extra = format!(
+        "<packages><package name='hello'/></packages>\
+         <files><file name='/etc/conductor-file'>from-a-file</file>\
+         <file name='/etc/systemd/system/marker.service'>[Unit]\nAfter=multi-user.target\n\
+         [Service]\nType=oneshot\nExecStart=/bin/sh /usr/local/bin/marker\n\
+         [Install]\nWantedBy=multi-user.target\n</file>\
+         <file name='/usr/local/bin/marker'>echo \"CONDUCTOR-MARKER $(cat /etc/conductor-file) \
+         $(cat /etc/isolation | tr '\\n' ' ') pw=$(grep ^root: /etc/shadow | cut -c6-8) \
+         hello=$(hello)\" > /dev/ttyS0\n</file></files>\
+         <commands><command name='probe'>{probe}</command>\
+         <command name='marker'>systemctl enable marker.service</command></commands>"
+    );
+    let template = debian("booting", &machine_mirror(), &extra);
+    let ti = build(&server, "mock", &template).await;
+    let done = wait(&server, &ti).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    assert!(
+        done.text("activity").contains("Debian 12 (bookworm)"),
+        "{}",
+        done.body
+    );
+
+    // The build log is kept and served: every step's command line and output.
+    let log = server.get(&format!("{ti}/log")).await;
+    assert_eq!(log.status, 200);
+    assert!(log.body.contains("+ mkfs.ext4"), "{}", log.body);
+    assert!(
+        log.body.contains("the template's command 'marker'"),
+        "{}",
+        log.body
+    );
+
+    let image = dir.path().join("image.raw");
+    download_to(&server, &ti, &image).await;
+    assert_eq!(
+        read_in_image(&image, "/etc/machine-id"),
+        "",
+        "an empty machine-id"
+    );
+    let fstab = read_in_image(&image, "/etc/fstab");
+    assert!(fstab.contains("LABEL=root / ext4"), "{fstab}");
+    let shadow = read_in_image(&image, "/etc/shadow");
+    assert!(
+        shadow.lines().any(|l| l.starts_with("root:$6$")) && !shadow.contains("s3cret-"),
+        "root's password is stored hashed: {shadow}"
+    );
+
+    // The same disk boots under UEFI (systemd-boot) and BIOS (syslinux).
+    for firmware in [Firmware::Uefi, Firmware::Bios] {
+        let console = boot_until(
+            &image,
+            firmware,
+            "CONDUCTOR-MARKER",
+            Duration::from_secs(600),
+        );
+        let line = console
+            .lines()
+            .find(|l| l.starts_with("CONDUCTOR-MARKER"))
+            .unwrap_or_else(|| panic!("{firmware:?}: no marker on the console:\n{console}"));
+        assert!(line.contains("from-a-file"), "the template's file: {line}");
+        assert!(line.contains("hello=Hello, world!"), "the package: {line}");
+        assert!(line.contains("pw=$6$"), "{line}");
+        assert!(
+            line.contains("network=refused"),
+            "a command reached the host: {line}"
+        );
+        assert!(
+            line.contains("key=absent"),
+            "a command saw the server's files: {line}"
+        );
+    }
+    drop(listener);
+}
+
+#[tokio::test]
+async fn a_missing_package_a_failing_command_and_an_unallowed_mirror_say_why() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir.path().join("data"));
+    let mirror = machine_mirror();
+
+    let refused = server
+        .post(
+            "/api/images",
+            &build_request(
+                "mock",
+                &debian("elsewhere", "http://mirror.invalid/debian", ""),
+                "",
+            ),
+        )
+        .await;
+    let message = refused.assert_error(400, "ParameterDataIncorrect");
+    assert!(
+        message.contains("not a mirror this server installs from"),
+        "{message}"
+    );
+
+    let missing = debian(
+        "missing",
+        &mirror,
+        "<packages><package name='conductor-no-such-package'/></packages>",
+    );
+    let ti = build(&server, "mock", &missing).await;
+    let failed = wait(&server, &ti).await;
+    assert_eq!(failed.text("status"), "FAILED", "{}", failed.body);
+    assert!(
+        failed
+            .text("error")
+            .contains("no such package on the mirror: conductor-no-such-package"),
+        "{}",
+        failed.body
+    );
+
+    let breaking = debian(
+        "breaking",
+        &mirror,
+        "<commands><command name='breaks'>echo about to fail\nexit 3</command></commands>",
+    );
+    let ti = build(&server, "mock", &breaking).await;
+    let failed = wait(&server, &ti).await;
+    assert_eq!(failed.text("status"), "FAILED", "{}", failed.body);
+    let error = failed.text("error");
+    assert!(
+        error.contains("the template's command 'breaks' failed (exit status 3)"),
+        "{error}"
+    );
+    assert!(error.contains("about to fail"), "{error}");
+}
+
+#[tokio::test]
+async fn cancel_during_an_install_leaves_no_process_and_no_work_directory() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start(&data);
+    let template = debian(
+        "cancelled",
+        &machine_mirror(),
+        "<commands><command name='long'>sleep 6011</command></commands>",
+    );
+    let ti = build(&server, "mock", &template).await;
+    wait_for_activity(&server, &ti, "command 'long'").await;
+    // The activity is set just before the command starts.
+    eventually(Duration::from_secs(30), async || {
+        if processes_running("sleep 6011").is_empty() {
+            Err("the command is not running".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let cancel = server.post(&format!("{ti}/cancel"), "").await;
+    assert!((200..300).contains(&cancel.status), "{}", cancel.body);
+    assert_eq!(wait(&server, &ti).await.text("status"), "CANCELLED");
+    eventually(Duration::from_secs(10), async || {
+        let left = processes_running("sleep 6011");
+        if left.is_empty() && is_empty_dir(&data.join("os-work")) {
+            Ok(())
+        } else {
+            Err(format!(
+                "left behind: {left:?}, work: {:?}",
+                std::fs::read_dir(data.join("os-work")).map(|d| d.count())
+            ))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_build_killed_during_its_install_runs_again_at_the_next_start_and_completes() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start(&data);
+    let template = debian(
+        "crashed",
+        &machine_mirror(),
+        "<commands><command name='slow'>sleep 7.0013; echo slept &gt; /etc/slept</command></commands>",
+    );
+    let ti = build(&server, "mock", &template).await;
+    wait_for_activity(&server, &ti, "command 'slow'").await;
+    server.kill();
+    // Nothing the install started outlives the server.
+    eventually(Duration::from_secs(10), async || {
+        let left = processes_running("sleep 7.0013");
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("left behind: {left:?}"))
+        }
+    })
+    .await;
+    let server = start(&data);
+    let done = wait(&server, &ti).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    assert!(is_empty_dir(&data.join("os-work")));
+    let log = server.get(&format!("{ti}/log")).await.body;
+    assert!(log.contains("attempt 2"), "{log}");
+}
