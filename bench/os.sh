@@ -12,15 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/os-packages.sh --boot
-cargo build --locked --release --quiet
-BIN=$PWD/target/release/conductor
+# CONDUCTOR_BIN runs another build of the server (the time is the tools', not ours).
+if [ -z "${CONDUCTOR_BIN:-}" ]; then cargo build --locked --release --quiet; fi
+BIN=${CONDUCTOR_BIN:-$PWD/target/release/conductor}
 WORK=$(mktemp -d /var/tmp/conductor-os-bench.XXXXXX)
 trap 'kill $(cat "$WORK/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 MIRROR=$(grep -hoE '^(URIs: *|deb +)(\[[^]]*\] +)?https?://[^ ]*debian/?( |$)' \
            /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-         | grep -oE 'https?://[^ ]*' | grep -v security | head -n1)
-SECURITY=$(grep -hoE 'https?://[^ ]*-security/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
-             /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1 || true)
+         | grep -oE 'https?://[^ ]*' | grep -v security | head -n1 || true)
+SECURITY=$(grep -hE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+             /etc/apt/sources.list.d/*.list 2>/dev/null | grep -oE 'https?://[^ ]*-security/?' | head -n1 || true)
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc; }
 
@@ -37,7 +38,7 @@ mmdebstrap --mode=unshare --variant=minbase --quiet \
   --customize-hook='chroot "$1" apt-get install -y --no-install-recommends linux-image-amd64' \
   --customize-hook="sync-out /var/cache/apt/archives $D/cache" \
   --customize-hook='echo hello > "$1"/etc/motd; : > "$1"/etc/machine-id; rm -rf "$1"/var/lib/apt/lists/*' \
-  bookworm "$D/tree" "${SOURCES[@]}" </dev/null >/dev/null 2>&1
+  bookworm "$D/tree" "${SOURCES[@]}" </dev/null >"$WORK/direct.log" 2>&1 || { tail -20 "$WORK/direct.log" >&2; exit 1; }
 cp -L "$D/tree/vmlinuz" "$D/tree/initrd.img" "$D/"
 mkfs.ext4 -q -F -L root -d "$D/tree" "$D/root.img" 1790M
 mkfs.vfat -C -F 32 -h 2048 -n ESP "$D/esp.img" 262144 >/dev/null
@@ -88,7 +89,7 @@ qemu-system-x86_64 -accel tcg -cpu max -machine q35 -smp 1 -m 1024 -nodefaults -
   -serial file:"$WORK/console" & qemu=$!
 until grep -q BENCH-MARKER "$WORK/console" 2>/dev/null; do
   sleep 0.5
-  if [ "$(secs "$t0" "$(now)" | cut -d. -f1)" -gt 600 ]; then echo "no marker after 600 s" >&2; break; fi
+  if [ "$(echo "$(secs "$t0" "$(now)") > 600" | bc)" = 1 ]; then echo "no marker after 600 s" >&2; break; fi
 done
 boot=$(secs "$t0" "$(now)")
 kill $qemu

@@ -87,6 +87,14 @@ pub enum ImageCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Print a target image's build log; with --follow, go on printing it as the build
+    /// runs, until it ends.
+    Log {
+        /// The target image id.
+        id: String,
+        #[arg(long)]
+        follow: bool,
+    },
     /// List images.
     List,
     /// Show an image.
@@ -253,6 +261,37 @@ impl Client {
             password,
             output: connection.output,
         })
+    }
+
+    /// A target image's build log from byte `offset`: the text, where to read next, and
+    /// whether the build has ended (nothing more will come).
+    async fn log(&self, target_image: &str, offset: u64) -> anyhow::Result<(String, u64, bool)> {
+        let url = format!(
+            "{}/api/target_images/{target_image}/log?offset={offset}",
+            self.base
+        );
+        let response = self
+            .http
+            .get(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .with_context(|| format!("could not reach {url}"))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let next = header("x-log-offset").and_then(|v| v.parse().ok());
+        let complete = header("x-log-complete").as_deref() == Some("true");
+        let text = response.text().await?;
+        if status >= 400 {
+            bail!("{}", error_text(status, &text));
+        }
+        Ok((text, next.unwrap_or(offset), complete))
     }
 
     /// Sends a request; answers the status and body, JSON unless `--output xml`.
@@ -521,6 +560,24 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
             )
             .await?;
         }
+        ImageCommand::Log { id, follow } => {
+            use std::io::Write;
+            let mut offset = 0;
+            loop {
+                let (text, next, complete) = client.log(&id, offset).await?;
+                print!("{text}");
+                std::io::stdout().flush().ok();
+                // A chunk may stop short of the end: read on at once.
+                if next > offset {
+                    offset = next;
+                    continue;
+                }
+                if !follow || complete {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         ImageCommand::List => {
             if let Some(value) = client.call(Method::GET, "/images", None).await? {
                 list_table(&value, &["id", "name", "os", "os_version", "arch"]);
@@ -703,16 +760,42 @@ async fn follow(client: &Client, kind: &str, ids: &[String]) -> anyhow::Result<(
         tracked.insert(id.clone(), bar);
     }
     let mut ended: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Builds: the build log's milestones ("== …" stages, "= …" steps with their time,
+    // "E: …" errors) are printed above the bars as they come; `image log` has it all.
+    let mut logs: BTreeMap<String, (u64, String)> = BTreeMap::new();
     while ended.len() < ids.len() {
         for id in ids {
             if ended.contains_key(id) {
                 continue;
             }
+            let tail = &id[id.len().saturating_sub(6)..];
+            if kind == "target_images" {
+                let (offset, partial) = logs.entry(id.clone()).or_default();
+                if let Ok((text, next, _)) = client.log(id, *offset).await {
+                    *offset = next;
+                    partial.push_str(&text);
+                    while let Some(end) = partial.find('\n') {
+                        let line: String = partial.drain(..=end).collect();
+                        let line = line.trim_end();
+                        if line.starts_with("= ")
+                            || line.starts_with("==")
+                            || line.starts_with("E: ")
+                        {
+                            let line = format!("{tail} {line}");
+                            // Hidden bars (no terminal) print nothing, lines included.
+                            if bars.is_hidden() {
+                                println!("{line}");
+                            } else {
+                                bars.println(line).ok();
+                            }
+                        }
+                    }
+                }
+            }
             let doc = client.get_json(&format!("/{kind}/{id}")).await?;
             let row = status_row(kind, id, &doc);
             let bar = &tracked[id];
             // Ids of one build differ at their end (they are time-ordered).
-            let tail = &id[id.len().saturating_sub(6)..];
             bar.set_prefix(format!("{:<12} {tail}", row[2]));
             bar.set_position(row[4].parse().unwrap_or(0));
             bar.set_message(format!("{} {}", row[3], row[5]));

@@ -78,6 +78,18 @@ async fn the_client_builds_waits_pushes_lists_and_deletes() {
         ended.contains("mock") && ended.contains("COMPLETE"),
         "{text}"
     );
+    // --wait prints the build log's milestones as they come; `image log` prints it all.
+    assert!(
+        text.contains("== the mock plugin built a raw image"),
+        "{text}"
+    );
+    let ti = ended.split_whitespace().nth(2).expect("target image id");
+    let log = ok(conductor(s, &["image", "log", ti, "--follow"]));
+    assert!(
+        log.contains(&format!("== build of target image {ti} for mock")),
+        "{log}"
+    );
+    assert!(log.contains("a blank base disk of"), "{log}");
 
     // Push to the seeded account, following it too.
     let pushed = ok(conductor(

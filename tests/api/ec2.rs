@@ -175,7 +175,7 @@ async fn build(server: &Server, base: &Path, size: &str) -> String {
     ti
 }
 
-async fn push(server: &Server, ti: &str, account: &str) -> String {
+pub(crate) async fn push(server: &Server, ti: &str, account: &str) -> String {
     let reply = server
         .post(
             "/api/provider_images",
@@ -190,7 +190,7 @@ async fn push(server: &Server, ti: &str, account: &str) -> String {
 }
 
 /// The snapshot the plugin tagged as holding `ami`.
-async fn snapshot_of(ami: &str) -> String {
+pub(crate) async fn snapshot_of(ami: &str) -> String {
     let (status, xml) = ec2_call(&[
         ("Action", "DescribeSnapshots"),
         ("Filter.1.Name", "tag:conductor:ami"),
@@ -204,7 +204,7 @@ async fn snapshot_of(ami: &str) -> String {
 }
 
 /// Every block the emulator holds for the snapshot, by index, read through the EBS API.
-async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
+pub(crate) async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
     let mut blocks = Vec::new();
     let mut next: Option<String> = None;
     let mut block_size;

@@ -18,7 +18,7 @@ fn env(name: &str) -> String {
     })
 }
 
-struct Cloud {
+pub(crate) struct Cloud {
     keystone: String,
     glance: String,
     user: String,
@@ -63,7 +63,7 @@ impl Cloud {
             .to_owned()
     }
 
-    async fn glance(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+    pub(crate) async fn glance(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
         reqwest::Client::new()
             .request(method, format!("{}{path}", self.glance))
             .header("X-Auth-Token", self.token().await)
@@ -73,15 +73,20 @@ impl Cloud {
     }
 }
 
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
     import: PathBuf,
     work: PathBuf,
-    server: Server,
-    cloud: Cloud,
+    pub(crate) server: Server,
+    pub(crate) cloud: Cloud,
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// A server with the test plugins, an import directory and `extra` flags, and the cloud.
+pub(crate) fn setup_with(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let import = dir.path().join("import");
     let work = dir.path().join("work");
@@ -94,7 +99,10 @@ fn setup() -> Setup {
             TEST_PLUGINS,
             "--import-dir",
             import.to_str().expect("utf-8"),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     Setup {
         _dir: dir,
@@ -143,7 +151,7 @@ async fn add_account(s: &Setup, provider: &str, label: &str, password: &str) -> 
 }
 
 /// A provider with an account in the default environment; answers the account label.
-async fn ready_account(s: &Setup, name: &str, glance: bool) -> String {
+pub(crate) async fn ready_account(s: &Setup, name: &str, glance: bool) -> String {
     let id = provider(s, name, glance).await;
     let label = format!("{name}-acc");
     let account = add_account(s, &id, &label, &s.cloud.password).await;

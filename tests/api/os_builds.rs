@@ -443,3 +443,132 @@ async fn a_build_killed_during_its_install_runs_again_at_the_next_start_and_comp
     let log = server.get(&format!("{ti}/log")).await.body;
     assert!(log.contains("attempt 2"), "{log}");
 }
+
+/// One install serves every target of a build: ec2 (raw) and openstack (qcow2) images
+/// hold the same disk, and each cloud, pushed to, holds the image's bytes.
+#[tokio::test]
+async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
+    use sha2::{Digest, Sha512};
+    let _turn = TURN.lock().await;
+    let s = crate::openstack::setup_with(&["--os-cache", &cache()]);
+    let server = &s.server;
+    let openstack = crate::openstack::ready_account(&s, "os-debian", true).await;
+    let (_, ec2) = crate::ec2::ready_account(server, "ec2-debian").await;
+    let template = debian(
+        "clouds",
+        &machine_mirror(),
+        "<commands><command name='mark'>echo clouds &gt; /etc/clouds</command></commands>",
+    );
+    let reply = server
+        .post(
+            "/api/images",
+            &build_request("ec2,openstack", &template, ""),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut built = Vec::new();
+    for id in reply.ids("target_image") {
+        let ti = format!("/api/target_images/{id}");
+        let done = wait(server, &ti).await;
+        assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+        let log = server.get(&format!("{ti}/log")).await.body;
+        built.push((done.text("target"), id, log));
+    }
+    built.sort();
+    let reused = built
+        .iter()
+        .filter(|(_, _, log)| log.contains("reusing the disk"))
+        .count();
+    assert_eq!(reused, 1, "one target made the disk, the other reused it");
+    let disk_of = |log: &str| {
+        log.lines()
+            .find_map(|l| {
+                l.strip_prefix("made the disk ")
+                    .or_else(|| l.strip_prefix("reusing the disk "))
+            })
+            .map(|k| k.chars().take(64).collect::<String>())
+    };
+    assert!(disk_of(&built[0].2).is_some(), "{}", built[0].2);
+    assert_eq!(disk_of(&built[0].2), disk_of(&built[1].2), "the same disk");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ec2_ti, os_ti) = (&built[0].1, &built[1].1);
+    let raw = dir.path().join("ec2.raw");
+    let qcow2 = dir.path().join("openstack.qcow2");
+    download_to(server, &format!("/api/target_images/{ec2_ti}"), &raw).await;
+    download_to(server, &format!("/api/target_images/{os_ti}"), &qcow2).await;
+    let compare = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        compare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compare.stdout)
+    );
+
+    // EC2: the AMI's snapshot holds exactly the image's non-zero blocks.
+    let pi = crate::ec2::push(server, ec2_ti, &ec2).await;
+    let done = wait(server, &format!("/api/provider_images/{pi}")).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let snapshot = crate::ec2::snapshot_of(&done.text("target_identifier")).await;
+    let (block_size, blocks) = crate::ec2::snapshot_blocks(&snapshot).await;
+    let image = std::fs::File::open(&raw).expect("image");
+    let size = image.metadata().expect("size").len();
+    let block = |i: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0u8; block_size as usize];
+        let len = block_size.min(size - i * block_size) as usize;
+        image
+            .read_exact_at(&mut data[..len], i * block_size)
+            .expect("read");
+        data
+    };
+    let expected: Vec<u64> = (0..size.div_ceil(block_size))
+        .filter(|&i| block(i).iter().any(|&b| b != 0))
+        .collect();
+    let held: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        held, expected,
+        "the snapshot holds every non-zero block, and only those"
+    );
+    for (index, data) in &blocks {
+        assert!(
+            *data == block(*index),
+            "block {index} differs from the image"
+        );
+    }
+
+    // OpenStack: Glance's image is ours, byte for byte.
+    let reply = server
+        .post(
+            "/api/provider_images",
+            &format!(
+                "<provider_image><provider_account>{openstack}</provider_account>\
+                 <target_image_id>{os_ti}</target_image_id></provider_image>"
+            ),
+        )
+        .await;
+    assert!(reply.status < 300, "{}", reply.body);
+    let pi = reply.ids("provider_image")[0].clone();
+    let done = wait(server, &format!("/api/provider_images/{pi}")).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let id = done.text("target_identifier");
+    let record: serde_json::Value = serde_json::from_slice(
+        &s.cloud
+            .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
+            .await
+            .bytes()
+            .await
+            .expect("body"),
+    )
+    .expect("JSON");
+    assert_eq!(record["status"], "active", "{record}");
+    let ours: String = Sha512::digest(std::fs::read(&qcow2).expect("qcow2"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(record["os_hash_value"], ours.as_str(), "{record}");
+}

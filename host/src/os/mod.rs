@@ -328,7 +328,7 @@ impl Installer {
         if disk.exists() {
             touch(&disk);
             log.line(&format!(
-                "reusing the disk an earlier build of the same template made ({disk_key})"
+                "reusing the disk {disk_key}, which an earlier build of the same template made"
             ));
             progress(80, "reusing the installed disk of an earlier build");
             return Ok(disk);
@@ -371,6 +371,7 @@ impl Installer {
         .and_then(|made| keep(&made, &disk, "the disk"));
         remove_all(&work);
         result?;
+        log.line(&format!("made the disk {disk_key}"));
         Ok(disk)
     }
 
