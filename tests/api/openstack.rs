@@ -63,7 +63,18 @@ impl Cloud {
             .to_owned()
     }
 
-    pub(crate) async fn glance(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+    /// Glance's record of an image.
+    pub(crate) async fn image(&self, id: &str) -> serde_json::Value {
+        let body = self
+            .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
+            .await
+            .bytes()
+            .await
+            .expect("body");
+        serde_json::from_slice(&body).expect("JSON")
+    }
+
+    async fn glance(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
         reqwest::Client::new()
             .request(method, format!("{}{path}", self.glance))
             .header("X-Auth-Token", self.token().await)
@@ -260,15 +271,7 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
     let ours = s.work.join("ours.qcow2");
     let bytes = s.server.download(&ti).await;
     std::fs::write(&ours, &bytes).expect("write");
-    let record: serde_json::Value = serde_json::from_slice(
-        &s.cloud
-            .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
-            .await
-            .bytes()
-            .await
-            .expect("body"),
-    )
-    .expect("JSON");
+    let record = s.cloud.image(&id).await;
     assert_eq!(record["status"], "active", "{record}");
     assert_eq!(record["disk_format"], "qcow2", "{record}");
     assert_eq!(record["os_hash_algo"], "sha512", "{record}");

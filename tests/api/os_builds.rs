@@ -542,29 +542,10 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     }
 
     // OpenStack: Glance's image is ours, byte for byte.
-    let reply = server
-        .post(
-            "/api/provider_images",
-            &format!(
-                "<provider_image><provider_account>{openstack}</provider_account>\
-                 <target_image_id>{os_ti}</target_image_id></provider_image>"
-            ),
-        )
-        .await;
-    assert!(reply.status < 300, "{}", reply.body);
-    let pi = reply.ids("provider_image")[0].clone();
+    let pi = crate::ec2::push(server, os_ti, &openstack).await;
     let done = wait(server, &format!("/api/provider_images/{pi}")).await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
-    let id = done.text("target_identifier");
-    let record: serde_json::Value = serde_json::from_slice(
-        &s.cloud
-            .glance(reqwest::Method::GET, &format!("/v2/images/{id}"))
-            .await
-            .bytes()
-            .await
-            .expect("body"),
-    )
-    .expect("JSON");
+    let record = s.cloud.image(&done.text("target_identifier")).await;
     assert_eq!(record["status"], "active", "{record}");
     let ours: String = Sha512::digest(std::fs::read(&qcow2).expect("qcow2"))
         .iter()

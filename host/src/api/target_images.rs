@@ -302,6 +302,16 @@ fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     Some(Ok(range))
 }
 
+/// The target image `raw` names, when the user may see it; 404 otherwise.
+async fn find(state: &Shared, user: &CurrentUser, raw: &str) -> ApiResult<TargetImage> {
+    let missing = || ti_not_found(raw);
+    let id = parse_id(raw).ok_or_else(missing)?;
+    visible(state, user, id, None).await?.ok_or_else(missing)?;
+    blocking(state, move |store| store.target_image(id))
+        .await?
+        .ok_or_else(missing)
+}
+
 /// The most of a build log one answer carries; a client reads on with `?offset=`.
 const LOG_CHUNK: u64 = 4 << 20;
 
@@ -324,14 +334,8 @@ pub async fn log(
     use axum::response::IntoResponse;
     use std::io::{Read, Seek};
 
-    let missing = || ti_not_found(&raw);
-    let id = parse_id(&raw).ok_or_else(missing)?;
-    visible(&state, &user, id, None)
-        .await?
-        .ok_or_else(missing)?;
-    let ti = blocking(&state, move |store| store.target_image(id))
-        .await?
-        .ok_or_else(missing)?;
+    let ti = find(&state, &user, &raw).await?;
+    let id = ti.id;
     let path = state.jobs.paths().log(id);
     let offset = query.offset.unwrap_or(0);
     let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
@@ -381,14 +385,7 @@ pub async fn data(
     use axum::response::IntoResponse;
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-    let missing = || ti_not_found(&raw);
-    let id = parse_id(&raw).ok_or_else(missing)?;
-    visible(&state, &user, id, None)
-        .await?
-        .ok_or_else(missing)?;
-    let ti = blocking(&state, move |store| store.target_image(id))
-        .await?
-        .ok_or_else(missing)?;
+    let ti = find(&state, &user, &raw).await?;
     let disk = ti.disk.ok_or_else(|| {
         ApiError::not_found(
             "TargetImageNotBuilt",

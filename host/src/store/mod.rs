@@ -1194,13 +1194,17 @@ impl Reader {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_commit_moves_the_generation_on_and_it_is_even_between_commits() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
+    fn temp_dir() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| StoreError::Corrupt {
             table: "test",
             key: String::new(),
             reason: e.to_string(),
-        })?;
+        })
+    }
+
+    #[test]
+    fn every_commit_moves_the_generation_on_and_it_is_even_between_commits() -> Result<()> {
+        let dir = temp_dir()?;
         let store = Store::open(&dir.path().join("c.redb"), &[7; 32])?;
         let before = store.generation().expect("no commit under way");
         store.create_environment("one", "")?;
@@ -1213,11 +1217,7 @@ mod tests {
 
     #[test]
     fn a_file_with_another_schema_version_is_refused_with_advice() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
-            table: "test",
-            key: String::new(),
-            reason: e.to_string(),
-        })?;
+        let dir = temp_dir()?;
         let path = dir.path().join("c.redb");
         drop(Store::open(&path, &[7; 32])?);
         {
@@ -1237,11 +1237,7 @@ mod tests {
 
     #[test]
     fn a_database_holding_a_row_it_would_misread_is_not_opened() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
-            table: "test",
-            key: String::new(),
-            reason: e.to_string(),
-        })?;
+        let dir = temp_dir()?;
         let path = dir.path().join("c.redb");
         let store = Store::open(&path, &[7; 32])?;
         let env = store.create_environment("team", "")?;
@@ -1274,11 +1270,7 @@ mod tests {
 
     #[test]
     fn credentials_sealed_with_another_key_stop_the_start_with_advice() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt {
-            table: "test",
-            key: String::new(),
-            reason: e.to_string(),
-        })?;
+        let dir = temp_dir()?;
         let path = dir.path().join("c.redb");
         let store = Store::open(&path, &[7; 32])?;
         store.create_account(Account {
