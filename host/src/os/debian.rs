@@ -464,13 +464,62 @@ pub fn make_disk(
         stopped,
     )?;
 
-    progress(66, "making the root filesystem");
     let mib = 1u64 << 20;
     let disk_mib = disk_size / mib;
     let root_start = 1 + ESP_MIB;
     // The last MiB holds the backup GPT.
     let root_mib = disk_mib - root_start - 1;
-    let root_img = work.join("root.img");
+    progress(66, "laying out the disk");
+    let disk = work.join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(disk_mib * mib))
+        .map_err(io("making the disk"))?;
+    let layout = work.join("layout.sfdisk");
+    std::fs::write(
+        &layout,
+        format!(
+            "label: gpt\n\
+             start=1MiB, size={ESP_MIB}MiB, type={ESP_TYPE}, name=\"esp\"\n\
+             start={root_start}MiB, size={root_mib}MiB, type={ROOT_X86_64_TYPE}, name=\"root\"\n"
+        ),
+    )
+    .map_err(io("writing the partition table"))?;
+    let mut sfdisk = step(
+        "writing the partition table",
+        "sfdisk",
+        vec!["-q".into(), disk.display().to_string()],
+    );
+    sfdisk.stdin = Some(layout);
+    run(&sfdisk, work, log, stopped)?;
+    let mbr = std::fs::read(GPT_MBR).map_err(io(GPT_MBR))?;
+    {
+        use std::os::unix::fs::FileExt;
+        let code = &mbr[..mbr.len().min(440)];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.write_all_at(code, 0))
+            .map_err(io("writing the BIOS boot code"))?;
+    }
+    run(
+        &step(
+            "marking the EFI system partition bootable under BIOS",
+            "sfdisk",
+            vec![
+                "-q".into(),
+                "--part-attrs".into(),
+                disk.display().to_string(),
+                "1".into(),
+                "LegacyBIOSBootable".into(),
+            ],
+        ),
+        work,
+        log,
+        stopped,
+    )?;
+    // The root filesystem is made in place, inside the disk at its partition's offset:
+    // no image of it to copy afterwards.
+    progress(68, "making the root filesystem");
     run(
         &step(
             "making the root filesystem",
@@ -482,7 +531,9 @@ pub fn make_disk(
                 "root".into(),
                 "-d".into(),
                 copy.display().to_string(),
-                root_img.display().to_string(),
+                "-E".into(),
+                format!("offset={}", root_start * mib),
+                disk.display().to_string(),
                 format!("{root_mib}M"),
             ],
         ),
@@ -607,57 +658,7 @@ pub fn make_disk(
         )?;
     }
 
-    progress(78, "laying out the disk");
-    let disk = work.join("disk.raw");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(disk_mib * mib))
-        .map_err(io("making the disk"))?;
-    let layout = work.join("layout.sfdisk");
-    std::fs::write(
-        &layout,
-        format!(
-            "label: gpt\n\
-             start=1MiB, size={ESP_MIB}MiB, type={ESP_TYPE}, name=\"esp\"\n\
-             start={root_start}MiB, size={root_mib}MiB, type={ROOT_X86_64_TYPE}, name=\"root\"\n"
-        ),
-    )
-    .map_err(io("writing the partition table"))?;
-    let mut sfdisk = step(
-        "writing the partition table",
-        "sfdisk",
-        vec!["-q".into(), disk.display().to_string()],
-    );
-    sfdisk.stdin = Some(layout);
-    run(&sfdisk, work, log, stopped)?;
-    let mbr = std::fs::read(GPT_MBR).map_err(io(GPT_MBR))?;
-    {
-        use std::os::unix::fs::FileExt;
-        let code = &mbr[..mbr.len().min(440)];
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .and_then(|f| f.write_all_at(code, 0))
-            .map_err(io("writing the BIOS boot code"))?;
-    }
-    run(
-        &step(
-            "marking the EFI system partition bootable under BIOS",
-            "sfdisk",
-            vec![
-                "-q".into(),
-                "--part-attrs".into(),
-                disk.display().to_string(),
-                "1".into(),
-                "LegacyBIOSBootable".into(),
-            ],
-        ),
-        work,
-        log,
-        stopped,
-    )?;
     place(&esp, &disk, mib).map_err(io("writing the EFI system partition into the disk"))?;
-    place(&root_img, &disk, root_start * mib)
-        .map_err(io("writing the root filesystem into the disk"))?;
     log.line(&format!(
         "made a {} MiB GPT disk: EFI system partition (systemd-boot for UEFI, syslinux for BIOS) and ext4 root",
         disk_mib

@@ -223,6 +223,7 @@ pub fn run(
             libc::kill(-group, libc::SIGKILL);
         }
     };
+    let mut pause = Duration::from_millis(2);
     let outcome = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
@@ -239,7 +240,9 @@ pub fn run(
             let _ = child.wait();
             break Err("deadline".into());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Most steps take a fraction of a second: look again soon, then less often.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
     };
     // The group may outlive its leader (a daemon a package script started): end it
     // before the step counts as over, so nothing it started goes on running.
@@ -296,7 +299,9 @@ mod tests {
         let log = Log::to_file(&dir.path().join("log")).expect("log");
         let error = run(
             &sh(
-                "for i in $(seq 1 20); do echo line $i; done; echo oops >&2; exit 3",
+                // stdout and stderr are read apart, so the error comes a moment later
+                // to be sure of its place among the last lines.
+                "for i in $(seq 1 20); do echo line $i; done; sleep 0.2; echo oops >&2; exit 3",
                 Duration::from_secs(10),
             ),
             dir.path(),
