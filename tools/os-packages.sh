@@ -38,7 +38,11 @@ utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
 if [ "${1:-}" = --boot ] && [[ "$utils" == *bpo12* ]]; then
   mirror=$(grep -hoE '^(URIs: *|deb +)(\[[^]]*\] +)?https?://[^ ]*debian/?( |$)' \
              /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-           | grep -oE 'https?://[^ ]*' | grep -v security | head -n1)
+           | grep -oE 'https?://[^ ]*' | grep -v security | head -n1 || true)
+  if [ -z "$mirror" ]; then
+    echo "conductor: no Debian mirror in this machine's apt sources to take qemu from" >&2
+    exit 1
+  fi
   list=$(mktemp)
   echo "deb $mirror bookworm-backports main" > "$list"
   apt-get update -qq -o Dir::Etc::sourceparts=- -o Dir::Etc::sourcelist="$list" -o APT::Get::List-Cleanup=0
