@@ -532,7 +532,9 @@ pub fn make_disk(
                 "-d".into(),
                 copy.display().to_string(),
                 "-E".into(),
-                format!("offset={}", root_start * mib),
+                // nodiscard: a new sparse file has nothing to discard, and the file
+                // holds the partition table and the ESP's place besides the file system.
+                format!("offset={},nodiscard", root_start * mib),
                 disk.display().to_string(),
                 format!("{root_mib}M"),
             ],
