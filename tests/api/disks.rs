@@ -14,7 +14,7 @@ fn template(name: &str, size: &str) -> String {
     )
 }
 
-fn qemu_img(args: &[&str]) -> (bool, String) {
+pub(crate) fn qemu_img(args: &[&str]) -> (bool, String) {
     let out = Command::new("qemu-img")
         .args(args)
         .output()

@@ -189,6 +189,39 @@ pub(crate) async fn push(server: &Server, ti: &str, account: &str) -> String {
     reply.ids("provider_image")[0].clone()
 }
 
+/// Asserts that the snapshot holds every non-zero block of an image of `size` bytes, and
+/// only those, each equal to the image's; `read(start, buffer)` fills `buffer` with the
+/// image's bytes from `start`. Answers the snapshot's block size.
+pub(crate) async fn assert_snapshot_holds(
+    snapshot: &str,
+    size: u64,
+    read: impl Fn(u64, &mut [u8]),
+) -> u64 {
+    let (block_size, blocks) = snapshot_blocks(snapshot).await;
+    // The image's block `i`, padded with zeros past its end.
+    let block = |i: u64| {
+        let mut data = vec![0u8; block_size as usize];
+        let len = block_size.min(size - i * block_size) as usize;
+        read(i * block_size, &mut data[..len]);
+        data
+    };
+    let held: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
+    let expected: Vec<u64> = (0..size.div_ceil(block_size))
+        .filter(|&i| block(i).iter().any(|&b| b != 0))
+        .collect();
+    assert_eq!(
+        held, expected,
+        "the snapshot holds every non-zero block, and only those"
+    );
+    for (index, data) in &blocks {
+        assert!(
+            *data == block(*index),
+            "block {index} differs from the image"
+        );
+    }
+    block_size
+}
+
 /// The snapshot the plugin tagged as holding `ami`.
 pub(crate) async fn snapshot_of(ami: &str) -> String {
     let (status, xml) = ec2_call(&[
@@ -204,7 +237,7 @@ pub(crate) async fn snapshot_of(ami: &str) -> String {
 }
 
 /// Every block the emulator holds for the snapshot, by index, read through the EBS API.
-pub(crate) async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
+async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
     let mut blocks = Vec::new();
     let mut next: Option<String> = None;
     let mut block_size;
@@ -290,29 +323,12 @@ async fn an_image_pushed_to_ec2_becomes_an_ami_whose_snapshot_holds_its_bytes() 
     );
     let image = s.server.download(&ti).await;
     assert_eq!(image.len(), 600 << 20);
-    let (block_size, blocks) = snapshot_blocks(&snapshot).await;
+    let block_size = assert_snapshot_holds(&snapshot, image.len() as u64, |start, data| {
+        let start = start as usize;
+        data.copy_from_slice(&image[start..start + data.len()]);
+    })
+    .await;
     assert_eq!(block_size, 512 << 10);
-    let block = |i: u64| {
-        let start = (i * block_size) as usize;
-        let end = (start + block_size as usize).min(image.len());
-        let mut data = image[start..end].to_vec();
-        data.resize(block_size as usize, 0);
-        data
-    };
-    let held: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
-    let expected: Vec<u64> = (0..(image.len() as u64).div_ceil(block_size))
-        .filter(|&i| block(i).iter().any(|&b| b != 0))
-        .collect();
-    assert_eq!(
-        held, expected,
-        "the snapshot holds every non-zero block, and only those"
-    );
-    for (index, data) in &blocks {
-        assert!(
-            *data == block(*index),
-            "block {index} differs from the image"
-        );
-    }
 
     // Deleting the provider image removes the AMI and its snapshot from the cloud.
     let deleted = s.server.delete(&format!("/api/provider_images/{pi}")).await;

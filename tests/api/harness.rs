@@ -303,7 +303,13 @@ impl Server {
 
     /// Polls `GET path` until `<status>` is terminal; returns the last reply.
     pub async fn wait_terminal(&self, path: &str) -> Reply {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        self.wait_terminal_within(path, Duration::from_secs(120))
+            .await
+    }
+
+    /// Polls `GET path` until `<status>` is terminal, for at most `limit`.
+    pub async fn wait_terminal_within(&self, path: &str, limit: Duration) -> Reply {
+        let deadline = Instant::now() + limit;
         loop {
             let reply = self.get(path).await;
             assert_eq!(reply.status, 200, "{path}: {}", reply.body);
@@ -313,9 +319,33 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "{path} still {status} after 120 s"
+                "{path} still {status} after {} s",
+                limit.as_secs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `GET path` until `status_detail/activity` holds `words`, for at most
+    /// `limit`; fails at once if the job ends first.
+    pub async fn wait_for_activity(&self, path: &str, words: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let reply = self.get(path).await;
+            if reply.text("activity").contains(words) {
+                return;
+            }
+            assert!(
+                !["COMPLETE", "FAILED", "CANCELLED"].contains(&reply.text("status").as_str()),
+                "{path} ended before '{words}': {}",
+                reply.body
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{path} never '{words}': {}",
+                reply.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -243,15 +243,9 @@ async fn cancel_reaches_a_download_that_trickles() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     let ti = reply.ids("target_image")[0].clone();
     let path = format!("/api/target_images/{ti}");
-    eventually(Duration::from_secs(30), async || {
-        let activity = server.get(&path).await.text("activity");
-        if activity.contains("fetching the base image") {
-            Ok(())
-        } else {
-            Err(format!("not fetching yet: {activity}"))
-        }
-    })
-    .await;
+    server
+        .wait_for_activity(&path, "fetching the base image", Duration::from_secs(30))
+        .await;
     let cancel = server.post(&format!("{path}/cancel"), "").await;
     assert!((200..300).contains(&cancel.status), "{}", cancel.body);
     let done = server.wait_terminal(&path).await;
@@ -715,18 +709,13 @@ async fn one_environment_cannot_take_every_worker() {
         alpha.push(reply.ids("target_image")[0].clone());
     }
     // The fair share holds alpha's later builds back, saying why.
-    eventually(Duration::from_secs(20), async || {
-        let last = server
-            .get(&format!("/api/target_images/{}", alpha[3]))
-            .await;
-        let activity = last.text("activity");
-        if activity.contains("of this environment run at once") {
-            Ok(())
-        } else {
-            Err(format!("alpha's last build is not held back: {activity}"))
-        }
-    })
-    .await;
+    server
+        .wait_for_activity(
+            &format!("/api/target_images/{}", alpha[3]),
+            "of this environment run at once",
+            Duration::from_secs(20),
+        )
+        .await;
     let beta = as_user(
         &server,
         "beta-admin",
@@ -1032,15 +1021,9 @@ async fn hashing_a_large_image_holds_up_nobody_and_stops_on_cancel() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let big_ti = format!("/api/target_images/{}", reply.ids("target_image")[0]);
-    eventually(Duration::from_secs(60), async || {
-        let activity = server.get(&big_ti).await.text("activity");
-        if activity.contains("storing the image") {
-            Ok(())
-        } else {
-            Err(format!("not hashing yet: {activity}"))
-        }
-    })
-    .await;
+    server
+        .wait_for_activity(&big_ti, "storing the image", Duration::from_secs(60))
+        .await;
 
     // Meanwhile: a delete that collects blobs, and a build to the end.
     let deleted = server.delete(&format!("/api/images/{small_image}")).await;

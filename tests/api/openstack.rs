@@ -295,17 +295,16 @@ async fn an_image_pushed_to_openstack_is_active_in_glance_with_the_same_bytes() 
         .await
         .expect("image data");
     std::fs::write(&theirs, &data).expect("write");
-    let compare = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
-        .arg(&ours)
-        .arg(&theirs)
-        .output()
-        .expect("qemu-img compare");
-    assert!(
-        compare.status.success(),
-        "{}",
-        String::from_utf8_lossy(&compare.stdout)
-    );
+    let (same, text) = crate::disks::qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        ours.to_str().expect("utf-8"),
+        theirs.to_str().expect("utf-8"),
+    ]);
+    assert!(same, "{text}");
 
     // Deleting the provider image deletes it in Glance.
     let deleted = s.server.delete(&format!("/api/provider_images/{pi}")).await;

@@ -85,41 +85,6 @@ async fn build(server: &Server, targets: &str, template: &str) -> String {
     format!("/api/target_images/{}", reply.ids("target_image")[0])
 }
 
-async fn wait(server: &Server, ti: &str) -> crate::harness::Reply {
-    let deadline = Instant::now() + BUILD_LIMIT;
-    loop {
-        let reply = server.get(ti).await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        if ["COMPLETE", "FAILED", "CANCELLED"].contains(&reply.text("status").as_str()) {
-            return reply;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{ti} did not end: {}",
-            reply.body
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn wait_for_activity(server: &Server, ti: &str, words: &str) {
-    let deadline = Instant::now() + BUILD_LIMIT;
-    loop {
-        let reply = server.get(ti).await;
-        let activity = reply.text("activity");
-        if activity.contains(words) {
-            return;
-        }
-        assert!(
-            !["COMPLETE", "FAILED", "CANCELLED"].contains(&reply.text("status").as_str()),
-            "ended before '{words}': {}",
-            reply.body
-        );
-        assert!(Instant::now() < deadline, "never '{words}': {}", reply.body);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Streams a target image to a file.
 async fn download_to(server: &Server, ti: &str, path: &Path) {
     use tokio::io::AsyncWriteExt;
@@ -258,7 +223,7 @@ async fn a_debian_template_builds_an_image_that_boots_with_its_package_file_and_
     );
     let template = debian("booting", &machine_mirror(), &extra);
     let ti = build(&server, "mock", &template).await;
-    let done = wait(&server, &ti).await;
+    let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     assert!(
         done.text("activity").contains("Debian 12 (bookworm)"),
@@ -347,7 +312,7 @@ async fn a_missing_package_a_failing_command_and_an_unallowed_mirror_say_why() {
         "<packages><package name='conductor-no-such-package'/></packages>",
     );
     let ti = build(&server, "mock", &missing).await;
-    let failed = wait(&server, &ti).await;
+    let failed = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     assert_eq!(failed.text("status"), "FAILED", "{}", failed.body);
     assert!(
         failed
@@ -363,7 +328,7 @@ async fn a_missing_package_a_failing_command_and_an_unallowed_mirror_say_why() {
         "<commands><command name='breaks'>echo about to fail\nexit 3</command></commands>",
     );
     let ti = build(&server, "mock", &breaking).await;
-    let failed = wait(&server, &ti).await;
+    let failed = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     assert_eq!(failed.text("status"), "FAILED", "{}", failed.body);
     let error = failed.text("error");
     assert!(
@@ -385,7 +350,9 @@ async fn cancel_during_an_install_leaves_no_process_and_no_work_directory() {
         "<commands><command name='long'>sleep 6011</command></commands>",
     );
     let ti = build(&server, "mock", &template).await;
-    wait_for_activity(&server, &ti, "command 'long'").await;
+    server
+        .wait_for_activity(&ti, "command 'long'", BUILD_LIMIT)
+        .await;
     // The activity is set just before the command starts.
     eventually(Duration::from_secs(30), async || {
         if processes_running("sleep 6011").is_empty() {
@@ -397,7 +364,13 @@ async fn cancel_during_an_install_leaves_no_process_and_no_work_directory() {
     .await;
     let cancel = server.post(&format!("{ti}/cancel"), "").await;
     assert!((200..300).contains(&cancel.status), "{}", cancel.body);
-    assert_eq!(wait(&server, &ti).await.text("status"), "CANCELLED");
+    assert_eq!(
+        server
+            .wait_terminal_within(&ti, BUILD_LIMIT)
+            .await
+            .text("status"),
+        "CANCELLED"
+    );
     eventually(Duration::from_secs(10), async || {
         let left = processes_running("sleep 6011");
         if left.is_empty() && is_empty_dir(&data.join("os-work")) {
@@ -424,7 +397,9 @@ async fn a_build_killed_during_its_install_runs_again_at_the_next_start_and_comp
         "<commands><command name='slow'>sleep 7.0013; echo slept &gt; /etc/slept</command></commands>",
     );
     let ti = build(&server, "mock", &template).await;
-    wait_for_activity(&server, &ti, "command 'slow'").await;
+    server
+        .wait_for_activity(&ti, "command 'slow'", BUILD_LIMIT)
+        .await;
     server.kill();
     // Nothing the install started outlives the server.
     eventually(Duration::from_secs(10), async || {
@@ -437,7 +412,7 @@ async fn a_build_killed_during_its_install_runs_again_at_the_next_start_and_comp
     })
     .await;
     let server = start(&data);
-    let done = wait(&server, &ti).await;
+    let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     assert!(is_empty_dir(&data.join("os-work")));
     let log = server.get(&format!("{ti}/log")).await.body;
@@ -469,7 +444,7 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     let mut built = Vec::new();
     for id in reply.ids("target_image") {
         let ti = format!("/api/target_images/{id}");
-        let done = wait(server, &ti).await;
+        let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
         assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
         let log = server.get(&format!("{ti}/log")).await.body;
         built.push((done.text("target"), id, log));
@@ -497,53 +472,37 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     let qcow2 = dir.path().join("openstack.qcow2");
     download_to(server, &format!("/api/target_images/{ec2_ti}"), &raw).await;
     download_to(server, &format!("/api/target_images/{os_ti}"), &qcow2).await;
-    let compare = std::process::Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "qcow2"])
-        .arg(&raw)
-        .arg(&qcow2)
-        .output()
-        .expect("qemu-img compare");
-    assert!(
-        compare.status.success(),
-        "{}",
-        String::from_utf8_lossy(&compare.stdout)
-    );
+    let (same, text) = crate::disks::qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().expect("utf-8"),
+        qcow2.to_str().expect("utf-8"),
+    ]);
+    assert!(same, "{text}");
 
     // EC2: the AMI's snapshot holds exactly the image's non-zero blocks.
     let pi = crate::ec2::push(server, ec2_ti, &ec2).await;
-    let done = wait(server, &format!("/api/provider_images/{pi}")).await;
+    let done = server
+        .wait_terminal_within(&format!("/api/provider_images/{pi}"), BUILD_LIMIT)
+        .await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     let snapshot = crate::ec2::snapshot_of(&done.text("target_identifier")).await;
-    let (block_size, blocks) = crate::ec2::snapshot_blocks(&snapshot).await;
     let image = std::fs::File::open(&raw).expect("image");
     let size = image.metadata().expect("size").len();
-    let block = |i: u64| {
+    crate::ec2::assert_snapshot_holds(&snapshot, size, |start, data| {
         use std::os::unix::fs::FileExt;
-        let mut data = vec![0u8; block_size as usize];
-        let len = block_size.min(size - i * block_size) as usize;
-        image
-            .read_exact_at(&mut data[..len], i * block_size)
-            .expect("read");
-        data
-    };
-    let expected: Vec<u64> = (0..size.div_ceil(block_size))
-        .filter(|&i| block(i).iter().any(|&b| b != 0))
-        .collect();
-    let held: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
-    assert_eq!(
-        held, expected,
-        "the snapshot holds every non-zero block, and only those"
-    );
-    for (index, data) in &blocks {
-        assert!(
-            *data == block(*index),
-            "block {index} differs from the image"
-        );
-    }
+        image.read_exact_at(data, start).expect("read");
+    })
+    .await;
 
     // OpenStack: Glance's image is ours, byte for byte.
     let pi = crate::ec2::push(server, os_ti, &openstack).await;
-    let done = wait(server, &format!("/api/provider_images/{pi}")).await;
+    let done = server
+        .wait_terminal_within(&format!("/api/provider_images/{pi}"), BUILD_LIMIT)
+        .await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     let record = s.cloud.image(&done.text("target_identifier")).await;
     assert_eq!(record["status"], "active", "{record}");

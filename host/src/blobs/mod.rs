@@ -172,7 +172,8 @@ pub fn hash_file(path: &Path, should_stop: &dyn Fn() -> bool) -> io::Result<(Str
     Ok((hex(&hasher.finalize()), size))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lower-case hex: how digests are written in names and documents.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

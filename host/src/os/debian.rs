@@ -171,7 +171,7 @@ impl Release {
             "debian-tree-1\0{}\0amd64\0{}\0{:?}\0{:?}\0{:?}",
             self.suite, self.mirror, self.security, self.packages, self.repositories
         );
-        super::hex(&Sha256::digest(identity))
+        crate::blobs::hex(&Sha256::digest(identity))
     }
 
     fn sources(&self) -> Vec<String> {

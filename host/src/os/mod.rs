@@ -23,6 +23,7 @@ pub mod run;
 pub mod sources;
 pub mod userns;
 
+use crate::blobs::hex;
 use crate::model::tdl::{Body, Template};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -481,10 +482,6 @@ fn with_slash(url: &str) -> String {
     } else {
         format!("{url}/")
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Marks a cache entry used now, for collection's least-recently-used order.

@@ -62,7 +62,7 @@ pub struct Log {
 type Watcher = Box<dyn FnMut(&str) + Send>;
 
 struct LogInner {
-    file: Option<std::fs::File>,
+    file: std::fs::File,
     tail: std::collections::VecDeque<String>,
     /// Called with each line as it arrives, to turn a program's output into progress.
     watcher: Option<Watcher>,
@@ -75,17 +75,13 @@ impl Log {
             .create(true)
             .append(true)
             .open(path)?;
-        Ok(Log::with(Some(file)))
-    }
-
-    fn with(file: Option<std::fs::File>) -> Log {
-        Log {
+        Ok(Log {
             inner: Arc::new(Mutex::new(LogInner {
                 file,
                 tail: Default::default(),
                 watcher: None,
             })),
-        }
+        })
     }
 
     /// Calls `watch` with every line written from now on.
@@ -108,10 +104,8 @@ impl Log {
             line.push_str(" …");
         }
         let mut inner = self.lock();
-        if let Some(file) = inner.file.as_mut() {
-            // A log that cannot be written loses lines, never the build.
-            let _ = writeln!(file, "{line}");
-        }
+        // A log that cannot be written loses lines, never the build.
+        let _ = writeln!(inner.file, "{line}");
         if let Some(watcher) = inner.watcher.as_mut() {
             watcher(&line);
         }

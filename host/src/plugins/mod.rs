@@ -1219,10 +1219,7 @@ impl Plugins {
             return Component::new(&self.engine, bytes);
         };
         use sha2::Digest;
-        let key: String = sha2::Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let key = crate::blobs::hex(&sha2::Sha256::digest(bytes));
         let path = cache.join(format!("{key}.cwasm"));
         if path.exists() {
             // SAFETY: deserializing runs machine code from the file. The cache folder is

@@ -42,7 +42,7 @@ fn golden<T: Row + PartialEq + Debug>(version: u8, record: T) {
         .join(format!("{name}-v{version}.hex"));
     let current = version == T::VERSION;
     if !path.exists() && current && std::env::var_os("CONDUCTOR_WRITE_GOLDEN").is_some() {
-        let hex: String = record.encode().iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::blobs::hex(&record.encode());
         std::fs::write(&path, hex + "\n").expect("write the golden file");
     }
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
