@@ -286,6 +286,22 @@ async fn snapshot_blocks(snapshot: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
 async fn an_image_pushed_to_ec2_becomes_an_ami_whose_snapshot_holds_its_bytes() {
     let s = setup();
     let (_, account) = ready_account(&s.server, "ec2-moto").await;
+    // A cloud boots what it is given: an OS this server does not install (Fedora) builds
+    // for ec2 only from a base image, and is refused at once without one.
+    let refused = s
+        .server
+        .post(
+            "/api/images",
+            &build_request("ec2", &template("600MiB"), ""),
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let message = refused.text("message");
+    assert!(
+        message.contains("cannot install Fedora 14 x86_64: it installs")
+            && message.contains("<base_image>"),
+        "{message}"
+    );
     // Data scattered over a sparse disk, and a stretch of allocated zeros, which the
     // plugin must leave out like the holes.
     let base = s.import.join("scattered.raw");

@@ -415,6 +415,18 @@ pub fn build_request(targets: &str, template: &str, extra: &str) -> String {
     )
 }
 
+/// Writes a small disk (1 MiB, a few bytes of data) into `import`, a server's
+/// `--import-dir`, and answers the `<base_image>` element naming it: a cloud target
+/// builds an OS this server does not install only from a base image.
+pub fn base_image(import: &Path) -> String {
+    std::fs::create_dir_all(import).expect("import dir");
+    let path = import.join("base.raw");
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..16].copy_from_slice(b"conductor-base-1");
+    std::fs::write(&path, disk).expect("write the base image");
+    format!("<base_image>file://{}</base_image>", path.display())
+}
+
 /// Runs `check` until it answers `Ok`, every 100 ms; after `limit` the test fails with
 /// the last `Err`. For what a server or a cloud does after answering (a delete on the
 /// provider, a log line written).

@@ -98,23 +98,30 @@ fn setup() -> Setup {
 
 /// A server with the test plugins, an import directory and `extra` flags, and the cloud.
 pub(crate) fn setup_with(extra: &[&str]) -> Setup {
+    setup_logging(extra, None)
+}
+
+/// As [`setup_with`], with the server's debug log written to `log` when given.
+pub(crate) fn setup_logging(extra: &[&str], log: Option<&Path>) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let import = dir.path().join("import");
     let work = dir.path().join("work");
     std::fs::create_dir_all(&import).expect("import dir");
     std::fs::create_dir_all(&work).expect("work dir");
-    let server = Server::start_with(
-        &dir.path().join("data"),
-        &[
-            "--plugins",
-            TEST_PLUGINS,
-            "--import-dir",
-            import.to_str().expect("utf-8"),
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect::<Vec<_>>(),
-    );
+    let data = dir.path().join("data");
+    let args: Vec<&str> = [
+        "--plugins",
+        TEST_PLUGINS,
+        "--import-dir",
+        import.to_str().expect("utf-8"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
+    let server = match log {
+        Some(log) => Server::start_logging(&data, &args, log),
+        None => Server::start_with(&data, &args),
+    };
     Setup {
         _dir: dir,
         import,

@@ -248,6 +248,11 @@ async fn a_debian_template_builds_an_image_that_boots_with_its_package_file_and_
         "",
         "an empty machine-id"
     );
+    assert_eq!(
+        read_in_image(&image, "/etc/cloud/cloud.cfg"),
+        "",
+        "the mock target boots nothing and needs no cloud-init"
+    );
     let fstab = read_in_image(&image, "/etc/fstab");
     assert!(fstab.contains("LABEL=root / ext4"), "{fstab}");
     let shadow = read_in_image(&image, "/etc/shadow");
@@ -425,7 +430,9 @@ async fn a_build_killed_during_its_install_runs_again_at_the_next_start_and_comp
 async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     use sha2::{Digest, Sha512};
     let _turn = TURN.lock().await;
-    let s = crate::openstack::setup_with(&["--os-cache", &cache()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_log = dir.path().join("server.log");
+    let s = crate::openstack::setup_logging(&["--os-cache", &cache()], Some(&server_log));
     let server = &s.server;
     let openstack = crate::openstack::ready_account(&s, "os-debian", true).await;
     let (_, ec2) = crate::ec2::ready_account(server, "ec2-debian").await;
@@ -466,7 +473,6 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     assert!(disk_of(&built[0].2).is_some(), "{}", built[0].2);
     assert_eq!(disk_of(&built[0].2), disk_of(&built[1].2), "the same disk");
 
-    let dir = tempfile::tempdir().expect("tempdir");
     let (ec2_ti, os_ti) = (&built[0].1, &built[1].1);
     let raw = dir.path().join("ec2.raw");
     let qcow2 = dir.path().join("openstack.qcow2");
@@ -482,6 +488,19 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
         qcow2.to_str().expect("utf-8"),
     ]);
     assert!(same, "{text}");
+    // Both clouds need cloud-init (and sshd) at first boot: the install holds them.
+    for (_, _, log) in &built {
+        assert!(
+            log.contains("the ec2 target needs cloud-init in the image"),
+            "the log names what the targets need: {log}"
+        );
+    }
+    let cloud_cfg = read_in_image(&raw, "/etc/cloud/cloud.cfg");
+    assert!(cloud_cfg.contains("cloud_init_modules"), "{cloud_cfg}");
+    assert!(
+        read_in_image(&raw, "/lib/systemd/system/ssh.service").contains("sshd"),
+        "openssh-server is installed"
+    );
 
     // EC2: the AMI's snapshot holds exactly the image's non-zero blocks.
     let pi = crate::ec2::push(server, ec2_ti, &ec2).await;
@@ -489,6 +508,12 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
         .wait_terminal_within(&format!("/api/provider_images/{pi}"), BUILD_LIMIT)
         .await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    // The image boots with UEFI and BIOS, so the AMI may use either.
+    let logged = std::fs::read_to_string(&server_log).expect("the server's log");
+    assert!(
+        logged.contains("with boot mode uefi-preferred"),
+        "the plugin registers the AMI as the image boots"
+    );
     let snapshot = crate::ec2::snapshot_of(&done.text("target_identifier")).await;
     let image = std::fs::File::open(&raw).expect("image");
     let size = image.metadata().expect("size").len();
@@ -506,6 +531,11 @@ async fn one_install_serves_ec2_and_openstack_and_each_cloud_holds_the_image() {
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
     let record = s.cloud.image(&done.text("target_identifier")).await;
     assert_eq!(record["status"], "active", "{record}");
+    // What Nova needs to start it: UEFI on q35, and the OS it holds.
+    assert_eq!(record["hw_firmware_type"], "uefi", "{record}");
+    assert_eq!(record["hw_machine_type"], "q35", "{record}");
+    assert_eq!(record["os_distro"], "debian", "{record}");
+    assert_eq!(record["os_version"], "12", "{record}");
     let ours: String = Sha512::digest(std::fs::read(&qcow2).expect("qcow2"))
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -3,7 +3,9 @@
 //! a user can read, while a mock build beside it completes and the API keeps answering;
 //! and a plugin reaches only the hosts its provider grants.
 
-use crate::harness::{Reply, Server, TEST_PLUGINS, build_request, refused_at_start, template};
+use crate::harness::{
+    Reply, Server, TEST_PLUGINS, base_image, build_request, refused_at_start, template,
+};
 use std::time::{Duration, Instant};
 
 /// The hostile type's limits in most tests: little memory, a short deadline, and a fuel
@@ -335,7 +337,16 @@ async fn listener() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) 
 async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
     let dir = tempfile::tempdir().expect("tempdir");
     let reach = format!("{TEST_PLUGINS}/reach");
-    let server = Server::start_with(dir.path(), &["--plugins", &reach]);
+    let import = tempfile::tempdir().expect("import dir");
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            "--plugins",
+            &reach,
+            "--import-dir",
+            import.path().to_str().expect("utf-8"),
+        ],
+    );
     // A provider whose url names the listener grants it: the account check gets through.
     // (Types that reach a cloud get no provider at the first start; an operator makes one.)
     let (address, count) = listener().await;
@@ -366,7 +377,19 @@ async fn a_plugin_reaches_only_the_hosts_its_provider_grants() {
 
     // A build has no provider, so nothing is granted: the request is refused before any
     // connection, and the job says which host was refused.
-    let ended = beside_a_mock_build(&server, build(&server, "reach", &[])).await;
+    // (A cloud target builds this template's OS only from a base image.)
+    let base = base_image(import.path());
+    let started = async {
+        let reply = server
+            .post(
+                "/api/images",
+                &build_request("reach", &template("sandbox"), &base),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        format!("/api/target_images/{}", reply.ids("target_image")[0])
+    };
+    let ended = beside_a_mock_build(&server, started).await;
     assert_eq!(ended.text("status"), "FAILED", "{}", ended.body);
     let error = ended.text("error");
     assert!(

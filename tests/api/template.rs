@@ -1,13 +1,22 @@
 //! The plugin template (examples/provider-template), built by the build like every test
 //! plugin: it loads, and a build, push, import and delete go through it.
 
-use crate::harness::{Server, TEST_PLUGINS, build_request, eventually, template};
+use crate::harness::{Server, TEST_PLUGINS, base_image, build_request, eventually, template};
 
 #[tokio::test]
 async fn the_plugin_template_loads_builds_pushes_and_deletes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let folder = format!("{TEST_PLUGINS}/template");
-    let server = Server::start_with(dir.path(), &["--plugins", &folder]);
+    let import_dir = tempfile::tempdir().expect("import dir");
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            "--plugins",
+            &folder,
+            "--import-dir",
+            import_dir.path().to_str().expect("utf-8"),
+        ],
+    );
     let kind = server.get("/api/provider_types/template").await;
     assert_eq!(kind.status, 200, "{}", kind.body);
     assert_eq!(kind.text("format"), "qcow2");
@@ -45,10 +54,27 @@ async fn the_plugin_template_loads_builds_pushes_and_deletes() {
         .await;
     assert!(joined.status < 300, "{}", joined.body);
 
-    let reply = server
+    // A cloud boots what it is given: an OS this server does not install is built for
+    // it only from a base image.
+    let refused = server
         .post(
             "/api/images",
             &build_request("template", &template("from-the-template"), ""),
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused
+            .text("message")
+            .contains("Target template boots the image it is given"),
+        "{}",
+        refused.body
+    );
+    let base = base_image(import_dir.path());
+    let reply = server
+        .post(
+            "/api/images",
+            &build_request("template", &template("from-the-template"), &base),
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);

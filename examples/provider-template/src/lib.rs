@@ -15,7 +15,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup, target};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 
@@ -25,6 +25,18 @@ struct TemplateCloud;
 // the export's symbol names, which hold ':' and '@', are not valid for the linker.
 #[cfg(target_arch = "wasm32")]
 conductor_plugin_sdk::guest::export_provider!(TemplateCloud);
+
+/// What the images need from their OS: a cloud's machines usually get their SSH keys
+/// from a metadata service that cloud-init reads, and start with the firmware named
+/// first. A target that boots nothing returns `OsNeeds::nothing()`.
+impl target::Guest for TemplateCloud {
+    fn needs() -> target::OsNeeds {
+        target::OsNeeds {
+            packages: vec!["cloud-init".into()],
+            firmware: vec![target::Firmware::Uefi, target::Firmware::Bios],
+        }
+    }
+}
 
 /// How much is read at once: large reads keep the cost of crossing into the host small.
 const CHUNK: u64 = 4 << 20;

@@ -802,15 +802,6 @@ async fn build(
             Ok(BaseImage { url, sha256: None })
         })
         .transpose()?;
-    // An OS this server installs must come from a mirror the operator allows; refused
-    // now, with the reason, rather than failed later.
-    if base_image.is_none() {
-        state
-            .jobs
-            .installer()
-            .plan(&template)
-            .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
-    }
     // With a base image the disk is the base image's size, held to the same limit when
     // it is fetched.
     let max = state.fetch.max_bytes;
@@ -857,6 +848,9 @@ async fn build(
             "TargetNotFound",
             format!("Could not find Target {target}"),
         ));
+    }
+    if base_image.is_none() {
+        check_install(state.jobs.installer(), &plugins, &template, &targets)?;
     }
 
     let image = Image {
@@ -946,6 +940,60 @@ async fn build(
     }
     doc.close("target_images").close("build").close("image");
     Ok(xml_ok(doc.finish()))
+}
+
+/// What a build without a base image installs, checked now and refused with the reason
+/// rather than failed later: an OS this server installs must come from a mirror the
+/// operator allows, with the packages each target needs, in a disk each target can
+/// boot; and a cloud boots what it is given, so a cloud target of an OS this server
+/// cannot install is refused (the mock target builds a blank disk for any OS).
+fn check_install(
+    installer: &crate::os::Installer,
+    plugins: &crate::plugins::Plugins,
+    template: &model::tdl::Template,
+    targets: &[String],
+) -> ApiResult<()> {
+    let refuse = |reason: String| ApiError::bad_request("ParameterDataIncorrect", reason);
+    let plan = installer
+        .plan(template, &plugins.needed_packages(targets))
+        .map_err(refuse)?;
+    for target in targets {
+        let Some(plugin) = plugins.get(target) else {
+            continue;
+        };
+        let needs = &plugin.info.needs.firmware;
+        match &plan {
+            None if plugin.info.reaches_a_cloud() => {
+                return Err(refuse(format!(
+                    "Target {target} boots the image it is given, and this server cannot \
+                     install {} {} {}: it installs {}. Name one of those in <os>, or give a \
+                     <base_image> to build from.",
+                    template.os_name,
+                    template.os_version,
+                    template.arch,
+                    installer.installable()
+                )));
+            }
+            Some(plan)
+                if !needs.is_empty() && !needs.iter().any(|f| plan.firmware().contains(f)) =>
+            {
+                let names = |list: &[model::Firmware]| {
+                    list.iter()
+                        .map(|f| f.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                };
+                return Err(refuse(format!(
+                    "Target {target} boots with {}, and {} boots with {}",
+                    names(needs),
+                    plan.title,
+                    names(&plan.firmware())
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

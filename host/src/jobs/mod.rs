@@ -755,7 +755,15 @@ impl Jobs {
         };
         // The OS the template names, when this server installs it and the build does not
         // start from a base image.
-        let plan = match (&ti.base_image, self.installer.plan(&template)) {
+        // All targets of the build share one install, so it holds what each one needs.
+        let targets: Vec<String> = self
+            .store
+            .target_images(Some(ti.build_id))?
+            .into_iter()
+            .map(|t| t.target)
+            .collect();
+        let needed = self.plugins.needed_packages(&targets);
+        let plan = match (&ti.base_image, self.installer.plan(&template, &needed)) {
             (Some(_), _) => None,
             (None, Ok(plan)) => plan,
             (None, Err(reason)) => return failed(reason),
@@ -831,6 +839,9 @@ impl Jobs {
             }
             None => match &plan {
                 Some(plan) => {
+                    for (target, package) in &needed {
+                        log.line(&format!("the {target} target needs {package} in the image"));
+                    }
                     if let Some(step) = self.install_os(ti, job, plan, &base, &log, stop)? {
                         return Ok(step);
                     }
@@ -927,6 +938,7 @@ impl Jobs {
                 format: built.format,
                 size: blob.size,
                 virtual_size: built.virtual_size,
+                firmware: plan.as_ref().map(os::Plan::firmware).unwrap_or_default(),
             });
         })?;
         // A target image deleted while it was built leaves its blob unreferenced; the
@@ -1021,8 +1033,9 @@ impl Jobs {
     }
 
     /// The push request's parameters and, after them, this server's ids of what is pushed
-    /// (`conductor.image`, …) and the facts of the template the image was built from
-    /// (`template.arch`, …), which a cloud wants when it registers an image.
+    /// (`conductor.image`, …), the facts of the template the image was built from
+    /// (`template.arch`, …) and the firmware the image boots with (`image.firmware`,
+    /// when this server installed its OS), which a cloud wants when it registers an image.
     fn push_parameters(&self, pi: &ProviderImage) -> Result<Vec<(String, String)>, StoreError> {
         let mut parameters = pi.parameters.clone();
         let Some(ti) = self.store.target_image(pi.target_image_id)? else {
@@ -1044,6 +1057,10 @@ impl Jobs {
                 ("template.arch".to_owned(), facts.arch),
                 ("template.disk-size".to_owned(), facts.disk_size.to_string()),
             ]);
+        }
+        if let Some(disk) = ti.disk.as_ref().filter(|d| !d.firmware.is_empty()) {
+            let firmware: Vec<&str> = disk.firmware.iter().map(|f| f.as_str()).collect();
+            parameters.push(("image.firmware".to_owned(), firmware.join(",")));
         }
         Ok(parameters)
     }

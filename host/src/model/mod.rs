@@ -114,6 +114,24 @@ impl DiskFormat {
     }
 }
 
+/// The firmware a machine starts an image with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Firmware {
+    /// The PC BIOS: boot code in the disk's first sector.
+    Bios,
+    /// UEFI: a boot loader in the EFI system partition.
+    Uefi,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
 /// A tenant: Conductor's pool family. Images, and the accounts they may use, belong to one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Environment {
@@ -253,6 +271,9 @@ pub struct Disk {
     pub size: u64,
     /// Size of the disk a guest sees.
     pub virtual_size: u64,
+    /// The firmware the image boots with, when this server installed its OS; empty when
+    /// that is not known (a blank disk, a base image from elsewhere).
+    pub firmware: Vec<Firmware>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,14 +135,21 @@ impl Release {
         format!("Debian {} ({}) x86_64", self.version, self.suite)
     }
 
-    /// The release installed from `mirror` with what `content` asks for.
-    pub fn with(mut self, mirror: &str, content: &Content, allowed: &[String]) -> Release {
+    /// The release installed from `mirror` with `packages` and the repositories
+    /// `content` asks for.
+    pub fn with(
+        mut self,
+        mirror: &str,
+        content: &Content,
+        packages: &[String],
+        allowed: &[String],
+    ) -> Release {
         self.mirror = mirror.trim().to_owned();
         self.security = allowed
             .iter()
             .find(|m| m.trim_end_matches('/').ends_with("-security"))
             .cloned();
-        let mut packages = content.packages.clone();
+        let mut packages = packages.to_vec();
         packages.sort();
         packages.dedup();
         self.packages = packages;
@@ -849,7 +856,7 @@ mod tests {
             let t = template(packages);
             release(&t)
                 .expect("debian")
-                .with("http://m/debian", &t.content, &[])
+                .with("http://m/debian", &t.content, &t.content.packages, &[])
                 .tree_key()
         };
         assert_eq!(key(&["a1", "b1"]), key(&["b1", "a1", "a1"]));

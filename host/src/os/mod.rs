@@ -24,6 +24,7 @@ pub mod sources;
 pub mod userns;
 
 use crate::blobs::hex;
+use crate::model::Firmware;
 use crate::model::tdl::{Body, Template};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -95,6 +96,16 @@ pub struct Plan {
     content: Customization,
 }
 
+impl Plan {
+    /// The firmware the installed disk boots with.
+    pub fn firmware(&self) -> Vec<Firmware> {
+        match self.family {
+            // systemd-boot in the EFI system partition, syslinux behind a GPT MBR.
+            Family::Debian(_) => vec![Firmware::Uefi, Firmware::Bios],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Family {
     Debian(debian::Release),
@@ -107,6 +118,22 @@ struct Customization {
     files: Vec<(String, Vec<u8>)>,
     /// `(name, script)`: precommands first, then commands, in their order.
     commands: Vec<(String, Vec<u8>)>,
+}
+
+/// A package name any OS family's tools take as a name and never as an option: what a
+/// plugin may say its target needs. Each family checks its own rule when it installs.
+pub fn package_name(name: &str) -> Result<(), String> {
+    let ok = name.len() >= 2
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("'{name}', which is not a package name"))
+    }
 }
 
 /// Progress of an install: a percent of the whole build and a line on what is happening.
@@ -232,7 +259,14 @@ impl Installer {
     /// Whether this server installs `template`'s OS: `Ok(None)` when it does not (the
     /// build starts from a blank disk, or the base image it names), `Err` with the reason
     /// when the template asks for an install this server must refuse.
-    pub fn plan(&self, template: &Template) -> Result<Option<Plan>, String> {
+    ///
+    /// `needed` are packages the build's targets need in their images (cloud-init),
+    /// each with the target that needs it; they are installed with the template's.
+    pub fn plan(
+        &self,
+        template: &Template,
+        needed: &[(String, String)],
+    ) -> Result<Option<Plan>, String> {
         let Some(release) = debian::release(template) else {
             return Ok(None);
         };
@@ -254,6 +288,11 @@ impl Installer {
         for name in &content.packages {
             debian::package_name(name)?;
         }
+        for (target, name) in needed {
+            debian::package_name(name).map_err(|e| format!("the {target} target needs {e}"))?;
+        }
+        let mut packages = content.packages.clone();
+        packages.extend(needed.iter().map(|(_, name)| name.clone()));
         let bodies = |what: &str, name: &str, body: &Body| match body {
             Body::Bytes(bytes) => Ok(bytes.clone()),
             Body::Url(_) => Err(format!(
@@ -283,7 +322,7 @@ impl Installer {
         }
         Ok(Some(Plan {
             title: release.title(),
-            family: Family::Debian(release.with(url, content, &self.mirrors)),
+            family: Family::Debian(release.with(url, content, &packages, &self.mirrors)),
             disk_size: template.disk_size,
             content: Customization {
                 root_password: content.root_password.clone(),

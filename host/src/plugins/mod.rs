@@ -32,10 +32,11 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+/// Every plugin since 0.1.0 has `provider`: plugins are loaded through this world.
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "plugin",
+        world: "provider-plugin",
         // Host functions may trap: a bad resource handle is a plugin bug, not an error
         // the plugin could handle.
         imports: { default: trappable },
@@ -46,8 +47,20 @@ mod bindings {
     });
 }
 
+/// `target`, added in 0.1.1, looked up apart where a plugin exports it.
+mod target_bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "target-plugin",
+    });
+}
+
+/// The name a plugin exports `target` under (any 0.1.x matches it).
+const TARGET_EXPORT: &str = "conductor:provider/target@0.1.1";
+
 use bindings::conductor::provider::host as wit_host;
 use bindings::conductor::provider::types as wit;
+use target_bindings::exports::conductor::provider::target as wit_target;
 
 include!(concat!(env!("OUT_DIR"), "/bundled_plugins.rs"));
 
@@ -144,6 +157,26 @@ pub struct Info {
     pub settings: Vec<String>,
     pub format: DiskFormat,
     pub hosts: Vec<String>,
+    /// What images for this target need from their OS (WIT `target.needs`); nothing for
+    /// a plugin built before 0.1.1.
+    pub needs: OsNeeds,
+}
+
+impl Info {
+    /// Whether the target reaches a cloud (it names hosts), rather than keeping its
+    /// images in the server (`mock`): a cloud boots what it is given.
+    pub fn reaches_a_cloud(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+}
+
+/// What a target needs from the OS in the images built for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OsNeeds {
+    /// Packages every image must hold (cloud-init, a guest agent).
+    pub packages: Vec<String>,
+    /// The firmware the target starts images with, preferred first; empty for any.
+    pub firmware: Vec<crate::model::Firmware>,
 }
 
 /// The template facts a build starts from.
@@ -665,6 +698,27 @@ fn link_problem(error: &wasmtime::Error) -> String {
     }
 }
 
+/// A plugin's needs, checked: its packages go onto an apt or dnf command line.
+fn os_needs(needs: wit_target::OsNeeds) -> Result<OsNeeds, String> {
+    for name in &needs.packages {
+        crate::os::package_name(name).map_err(|e| format!("it needs {e}"))?;
+    }
+    let mut firmware = Vec::new();
+    for f in needs.firmware {
+        let f = match f {
+            wit_target::Firmware::Bios => crate::model::Firmware::Bios,
+            wit_target::Firmware::Uefi => crate::model::Firmware::Uefi,
+        };
+        if !firmware.contains(&f) {
+            firmware.push(f);
+        }
+    }
+    Ok(OsNeeds {
+        packages: needs.packages,
+        firmware,
+    })
+}
+
 fn format_from_wit(format: wit::DiskFormat) -> DiskFormat {
     match format {
         wit::DiskFormat::Raw => DiskFormat::Raw,
@@ -678,7 +732,7 @@ pub struct Plugin {
     pub info: Info,
     /// Where it came from: `bundled:mock.wasm` or a file path.
     pub source: String,
-    pre: bindings::PluginPre<State>,
+    pre: bindings::ProviderPluginPre<State>,
     engine: Engine,
     limits: Limits,
 }
@@ -700,7 +754,46 @@ impl Plugin {
         &self,
         context: CallContext,
         settings: &[(String, String)],
-    ) -> Result<(Store<State>, bindings::Plugin), PluginError> {
+    ) -> Result<(Store<State>, bindings::ProviderPlugin), PluginError> {
+        let mut store = self.store(context, settings)?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.not_instantiated(&store, e))?;
+        Ok((store, instance))
+    }
+
+    /// The same as [`Plugin::instantiate`] with the instance itself, for looking up
+    /// exports beyond the `provider-plugin` world's.
+    fn instantiate_raw(
+        &self,
+        context: CallContext,
+        settings: &[(String, String)],
+    ) -> Result<(Store<State>, wasmtime::component::Instance), PluginError> {
+        let mut store = self.store(context, settings)?;
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .map_err(|e| self.not_instantiated(&store, e))?;
+        Ok((store, instance))
+    }
+
+    fn not_instantiated(&self, store: &Store<State>, e: wasmtime::Error) -> PluginError {
+        if store.data().limiter.exhausted {
+            // Its initial memory alone is more than the limit allows.
+            PluginError::OutOfMemory(self.limits.memory_bytes)
+        } else {
+            PluginError::Host(format!("instantiating {}: {e}", self.source))
+        }
+    }
+
+    /// A store with the sandbox's limits for one call.
+    fn store(
+        &self,
+        context: CallContext,
+        settings: &[(String, String)],
+    ) -> Result<Store<State>, PluginError> {
         let stderr = sandbox::StderrTail::default();
         let state = State {
             // No preopened directories, no environment, no arguments: WASI here is only
@@ -739,15 +832,7 @@ impl Plugin {
                 Ok(UpdateDeadline::Continue(1))
             }
         });
-        let instance = self.pre.instantiate(&mut store).map_err(|e| {
-            if store.data().limiter.exhausted {
-                // Its initial memory alone is more than the limit allows.
-                PluginError::OutOfMemory(self.limits.memory_bytes)
-            } else {
-                PluginError::Host(format!("instantiating {}: {e}", self.source))
-            }
-        })?;
-        Ok((store, instance))
+        Ok(store)
     }
 
     /// A failure after a refused request is the refusal's fault, whatever the plugin made
@@ -1169,8 +1254,10 @@ impl Plugins {
             .map_err(|e| LoadError::Engine(e.to_string()))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Engine(e.to_string()))?;
-        bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
-            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        bindings::ProviderPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| {
+            state
+        })
+        .map_err(|e| LoadError::Engine(e.to_string()))?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("plugin-epoch".into())
@@ -1261,7 +1348,7 @@ impl Plugins {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| invalid(link_problem(&e)))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = bindings::ProviderPluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
         let mut plugin = Plugin {
             info: Info {
                 target: String::new(),
@@ -1271,6 +1358,7 @@ impl Plugins {
                 settings: Vec::new(),
                 format: DiskFormat::Raw,
                 hosts: Vec::new(),
+                needs: OsNeeds::default(),
             },
             source: source_name.to_owned(),
             pre,
@@ -1281,21 +1369,40 @@ impl Plugins {
                 ..self.default_limits.clone()
             },
         };
+        // `target` is optional (0.1.0 plugins lack it), but one exported with other
+        // types is a broken plugin, not an old one.
+        let target_indices = match component.get_export_index(None, TARGET_EXPORT) {
+            None => None,
+            Some(_) => Some(
+                target_bindings::TargetPluginIndices::new(plugin.pre.instance_pre())
+                    .map_err(|e| invalid(format!("its `target` interface: {e:#}")))?,
+            ),
+        };
         let context = CallContext::quiet(format!("load {source_name}"));
         let (mut store, instance) =
             plugin
-                .instantiate(context, &[])
+                .instantiate_raw(context, &[])
                 .map_err(|e| LoadError::Info {
                     source_name: source_name.to_owned(),
                     reason: e.to_string(),
                 })?;
-        let info = instance
-            .conductor_provider_provider()
-            .call_info(&mut store)
-            .map_err(|e| LoadError::Info {
-                source_name: source_name.to_owned(),
-                reason: plugin.trap(e, &store).to_string(),
-            })?;
+        let called = |e: wasmtime::Error, store: &Store<State>| LoadError::Info {
+            source_name: source_name.to_owned(),
+            reason: plugin.trap(e, store).to_string(),
+        };
+        let info = bindings::ProviderPlugin::new(&mut store, &instance)
+            .and_then(|p| p.conductor_provider_provider().call_info(&mut store))
+            .map_err(|e| called(e, &store))?;
+        let needs = match &target_indices {
+            None => OsNeeds::default(),
+            Some(indices) => {
+                let needs = indices
+                    .load(&mut store, &instance)
+                    .and_then(|t| t.conductor_provider_target().call_needs(&mut store))
+                    .map_err(|e| called(e, &store))?;
+                os_needs(needs).map_err(invalid)?
+            }
+        };
         if info.target.is_empty()
             || !info
                 .target
@@ -1327,6 +1434,7 @@ impl Plugins {
             settings: info.settings,
             format: format_from_wit(info.format),
             hosts: info.hosts,
+            needs,
         };
         plugin.limits = self.limits_for(&plugin.info.target);
         let plugin = Arc::new(plugin);
@@ -1394,6 +1502,23 @@ impl Plugins {
     }
 
     /// Every loaded plugin, by target name.
+    /// The packages `targets` need in their images, each with the first target that
+    /// needs it, in order and without repeats.
+    pub fn needed_packages(&self, targets: &[String]) -> Vec<(String, String)> {
+        let mut needed: Vec<(String, String)> = Vec::new();
+        for target in targets {
+            let Some(plugin) = self.get(target) else {
+                continue;
+            };
+            for package in &plugin.info.needs.packages {
+                if !needed.iter().any(|(_, p)| p == package) {
+                    needed.push((target.clone(), package.clone()));
+                }
+            }
+        }
+        needed
+    }
+
     pub fn all(&self) -> Vec<Arc<Plugin>> {
         self.loaded
             .read()
@@ -1450,5 +1575,84 @@ mod grant_tests {
         assert!(grant(&patterns, &settings(&[("region", "a:1@evil")])).is_empty());
         // No value, no grant.
         assert!(grant(&patterns, &[]).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+    use crate::model::Firmware;
+
+    fn plugins() -> Plugins {
+        Plugins::new(Limits::default(), &[], MemoryReset::default(), None, None).expect("engine")
+    }
+
+    fn test_plugin(name: &str) -> Vec<u8> {
+        let dir = Path::new(env!("CONDUCTOR_TEST_PLUGINS"));
+        let path = [
+            dir.join(format!("{name}.wasm")),
+            dir.join("sandbox").join(format!("{name}.wasm")),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name}.wasm under {}", dir.display()));
+        std::fs::read(path).expect("read the test plugin")
+    }
+
+    /// `testbed` is built against conductor:provider@0.1.0 as released; `hostile`
+    /// against 0.1.1's `provider-plugin` world, without `target`; `mock` against the
+    /// whole of 0.1.1.
+    #[test]
+    fn plugins_of_every_0_1_version_load_and_say_what_their_images_need() {
+        let plugins = plugins();
+        let old = plugins
+            .load("testbed.wasm", &test_plugin("testbed"))
+            .expect("a 0.1.0 plugin loads");
+        assert_eq!(old.info.needs, OsNeeds::default());
+        let without = plugins
+            .load("hostile.wasm", &test_plugin("hostile"))
+            .expect("a plugin without `target` loads");
+        assert_eq!(without.info.needs, OsNeeds::default());
+        let (_, mock) = BUNDLED
+            .iter()
+            .find(|(name, _)| *name == "mock")
+            .expect("mock");
+        let mock = plugins.load("mock.wasm", mock).expect("mock loads");
+        assert_eq!(mock.info.needs, OsNeeds::default());
+        let (_, ec2) = BUNDLED
+            .iter()
+            .find(|(name, _)| *name == "ec2")
+            .expect("ec2");
+        let ec2 = plugins.load("ec2.wasm", ec2).expect("ec2 loads");
+        assert_eq!(
+            ec2.info.needs,
+            OsNeeds {
+                packages: vec!["cloud-init".into(), "openssh-server".into()],
+                firmware: vec![Firmware::Uefi, Firmware::Bios],
+            }
+        );
+        assert_eq!(
+            plugins.needed_packages(&["mock".into(), "ec2".into(), "testbed".into()]),
+            [
+                ("ec2".to_owned(), "cloud-init".to_owned()),
+                ("ec2".to_owned(), "openssh-server".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn needs_that_are_not_package_names_are_refused() {
+        let needs = |packages: &[&str]| wit_target::OsNeeds {
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            firmware: vec![wit_target::Firmware::Bios, wit_target::Firmware::Bios],
+        };
+        assert_eq!(
+            os_needs(needs(&["cloud-init"])).expect("fine").firmware,
+            [Firmware::Bios]
+        );
+        for bad in ["-y", "a b", "x;rm", "", "é1"] {
+            let e = os_needs(needs(&[bad])).expect_err(bad);
+            assert!(e.contains("not a package name"), "{e}");
+        }
     }
 }

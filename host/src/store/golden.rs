@@ -7,8 +7,8 @@
 
 use super::{Row, SealedAccount};
 use crate::model::{
-    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Hook, Image, Job, JobKind, Progress,
-    Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
+    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Firmware, Hook, Image, Job, JobKind,
+    Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
 };
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -195,6 +195,29 @@ fn target_images_v1() {
                 format: DiskFormat::Qcow2,
                 size: 123_456_789,
                 virtual_size: 10 << 30,
+                firmware: Vec::new(),
+            }),
+        },
+    );
+}
+
+#[test]
+fn target_images_v2() {
+    golden(
+        2,
+        TargetImage {
+            id: id(4),
+            build_id: id(3),
+            target: "ec2".into(),
+            progress: progress(Status::Complete),
+            parameters: pairs(),
+            base_image: None,
+            disk: Some(Disk {
+                sha256: "cd".repeat(32),
+                format: DiskFormat::Raw,
+                size: 123_456_789,
+                virtual_size: 10 << 30,
+                firmware: vec![Firmware::Uefi, Firmware::Bios],
             }),
         },
     );

@@ -14,8 +14,8 @@
 //! changes nothing on disk.
 
 use crate::model::{
-    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Hook, Id, Image, Job, JobKind,
-    Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
+    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Firmware, Hook, Id, Image, Job,
+    JobKind, Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -504,9 +504,58 @@ struct TargetImageV1 {
     disk: Option<DiskV1>,
 }
 
-impl From<&TargetImage> for TargetImageV1 {
+impl From<TargetImageV1> for TargetImage {
+    fn from(t: TargetImageV1) -> Self {
+        TargetImageV2 {
+            id: t.id,
+            build_id: t.build_id,
+            target: t.target,
+            progress: t.progress,
+            parameters: t.parameters,
+            base_image: t.base_image,
+            // What version 1 did not record is not known.
+            disk: t.disk.map(|d| DiskV2 {
+                sha256: d.sha256,
+                format: d.format,
+                size: d.size,
+                virtual_size: d.virtual_size,
+                firmware: Vec::new(),
+            }),
+        }
+        .into()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+enum FirmwareV1 {
+    Bios,
+    Uefi,
+}
+
+/// Version 2 adds the firmware a disk boots with.
+#[derive(Serialize, Deserialize)]
+struct DiskV2 {
+    sha256: String,
+    format: DiskFormatV1,
+    size: u64,
+    virtual_size: u64,
+    firmware: Vec<FirmwareV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TargetImageV2 {
+    id: Id,
+    build_id: Id,
+    target: String,
+    progress: ProgressV1,
+    parameters: Vec<(String, String)>,
+    base_image: Option<BaseImageV1>,
+    disk: Option<DiskV2>,
+}
+
+impl From<&TargetImage> for TargetImageV2 {
     fn from(t: &TargetImage) -> Self {
-        TargetImageV1 {
+        TargetImageV2 {
             id: t.id,
             build_id: t.build_id,
             target: t.target.clone(),
@@ -516,7 +565,7 @@ impl From<&TargetImage> for TargetImageV1 {
                 url: b.url.clone(),
                 sha256: b.sha256.clone(),
             }),
-            disk: t.disk.as_ref().map(|d| DiskV1 {
+            disk: t.disk.as_ref().map(|d| DiskV2 {
                 sha256: d.sha256.clone(),
                 format: match d.format {
                     DiskFormat::Raw => DiskFormatV1::Raw,
@@ -525,13 +574,21 @@ impl From<&TargetImage> for TargetImageV1 {
                 },
                 size: d.size,
                 virtual_size: d.virtual_size,
+                firmware: d
+                    .firmware
+                    .iter()
+                    .map(|f| match f {
+                        Firmware::Bios => FirmwareV1::Bios,
+                        Firmware::Uefi => FirmwareV1::Uefi,
+                    })
+                    .collect(),
             }),
         }
     }
 }
 
-impl From<TargetImageV1> for TargetImage {
-    fn from(t: TargetImageV1) -> Self {
+impl From<TargetImageV2> for TargetImage {
+    fn from(t: TargetImageV2) -> Self {
         TargetImage {
             id: t.id,
             build_id: t.build_id,
@@ -551,12 +608,33 @@ impl From<TargetImageV1> for TargetImage {
                 },
                 size: d.size,
                 virtual_size: d.virtual_size,
+                firmware: d
+                    .firmware
+                    .into_iter()
+                    .map(|f| match f {
+                        FirmwareV1::Bios => Firmware::Bios,
+                        FirmwareV1::Uefi => Firmware::Uefi,
+                    })
+                    .collect(),
             }),
         }
     }
 }
 
-one_version!(TargetImage, "target images", TargetImageV1);
+impl Row for TargetImage {
+    const TABLE: &'static str = "target images";
+    const VERSION: u8 = 2;
+    fn encode(&self) -> Vec<u8> {
+        versioned(Self::VERSION, &TargetImageV2::from(self))
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        match version_of(bytes)? {
+            (1, rest) => Ok(exactly::<TargetImageV1>(rest)?.into()),
+            (2, rest) => Ok(exactly::<TargetImageV2>(rest)?.into()),
+            (version, _) => Err(unknown_version(Self::TABLE, version, Self::VERSION)),
+        }
+    }
+}
 
 // ---- provider images ----
 

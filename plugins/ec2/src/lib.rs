@@ -13,8 +13,10 @@
 //! region's public endpoints are used. The server lets the plugin reach only those.
 //!
 //! Push parameters: `architecture` (`x86_64`, `arm64`, `i386`; default from the
-//! template's arch), `boot_mode` (`uefi-preferred` for x86, `uefi` for arm64 by default),
-//! `upload_concurrency` (blocks in flight, 1 to 64, default 16).
+//! template's arch), `boot_mode` (by default what the image boots with, as the server's
+//! `image.firmware` says: `uefi-preferred` for both, `uefi`, `legacy-bios`; without it
+//! `uefi-preferred` for x86 and `uefi` for arm64), `upload_concurrency` (blocks in
+//! flight, 1 to 64, default 16).
 
 // Built for the host only by `cargo build --workspace`, where nothing is exported (see
 // the export below) and so nothing is used.
@@ -29,7 +31,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup, target};
 use conductor_plugin_sdk::http::{Pending, Request};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -40,6 +42,18 @@ struct Ec2;
 // the export's symbol names, which hold ':' and '@', are not valid for the linker.
 #[cfg(target_arch = "wasm32")]
 conductor_plugin_sdk::guest::export_provider!(Ec2);
+
+/// An instance gets its SSH key and user data from the instance metadata service, which
+/// cloud-init reads; EC2 starts images with UEFI or BIOS (the image says which, see
+/// `boot_mode`).
+impl target::Guest for Ec2 {
+    fn needs() -> target::OsNeeds {
+        target::OsNeeds {
+            packages: vec!["cloud-init".into(), "openssh-server".into()],
+            firmware: vec![target::Firmware::Uefi, target::Firmware::Bios],
+        }
+    }
+}
 
 /// The tag that ties a snapshot to the AMI registered on it, so `delete` finds the
 /// snapshot even where the AMI's block device mappings do not name it.
@@ -121,8 +135,17 @@ impl Guest for Ec2 {
                     "boot_mode={other} is not one of legacy-bios, uefi, uefi-preferred"
                 )));
             }
-            None if architecture == "arm64" => "uefi".into(),
-            None => "uefi-preferred".into(),
+            // The firmware the image boots with, when the server installed its OS.
+            None => match lookup(&parameters, "image.firmware").map(|f| {
+                let has = |name: &str| f.split(',').any(|x| x == name);
+                (has("uefi"), has("bios"))
+            }) {
+                Some((true, true)) => "uefi-preferred".into(),
+                Some((true, false)) => "uefi".into(),
+                Some((false, true)) => "legacy-bios".into(),
+                _ if architecture == "arm64" => "uefi".into(),
+                _ => "uefi-preferred".into(),
+            },
         };
         let concurrency = match lookup(&parameters, "upload_concurrency") {
             None => 16,
@@ -427,6 +450,10 @@ fn register(
     boot_mode: &str,
 ) -> Result<String, Error> {
     host::progress(98, &format!("registering an image on {snapshot}"));
+    host::log(
+        Level::Info,
+        &format!("registering an AMI on {snapshot} with boot mode {boot_mode}"),
+    );
     // AMI names are unique per account and region, and one image may be pushed to an
     // account more than once: the snapshot id makes each name unique.
     let ami_name = ami_name(name, snapshot);

@@ -41,6 +41,13 @@ struct Mock;
 #[cfg(target_arch = "wasm32")]
 sdk::guest::export_provider!(Mock);
 
+/// The mock cloud boots nothing: its images need nothing from the OS.
+impl sdk::guest::target::Guest for Mock {
+    fn needs() -> sdk::guest::target::OsNeeds {
+        sdk::guest::target::OsNeeds::nothing()
+    }
+}
+
 /// Largest read the plugin asks for at once: big enough to keep the host boundary cheap,
 /// small enough to keep the plugin's memory low.
 const CHUNK: u64 = 4 << 20;

@@ -15,7 +15,10 @@
 //! catalog that points elsewhere is refused.
 //!
 //! Push parameters: `disk_format` (what Glance is told the data is; by default what the
-//! data is: qcow2 or raw), `visibility` (`private` by default).
+//! data is: qcow2 or raw), `visibility` (`private` by default). The image's properties
+//! say how to boot it: `os_distro`, `os_version` and `architecture` from the template,
+//! and `hw_firmware_type` (with `hw_machine_type` q35 for UEFI) from the firmware the
+//! server's OS install boots with.
 
 // Built for the host only by `cargo build --workspace`, where nothing is exported (see
 // the export below) and so nothing is used.
@@ -26,7 +29,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, lookup};
+use conductor_plugin_sdk::guest::{Guest, build_image, lookup, target};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha512};
@@ -37,6 +40,18 @@ struct OpenStack;
 // the export's symbol names, which hold ':' and '@', are not valid for the linker.
 #[cfg(target_arch = "wasm32")]
 conductor_plugin_sdk::guest::export_provider!(OpenStack);
+
+/// A server gets its SSH key and user data from the metadata service or a config
+/// drive, which cloud-init reads; Nova starts images with UEFI or BIOS as the image's
+/// `hw_firmware_type` says.
+impl target::Guest for OpenStack {
+    fn needs() -> target::OsNeeds {
+        target::OsNeeds {
+            packages: vec!["cloud-init".into(), "openssh-server".into()],
+            firmware: vec![target::Firmware::Uefi, target::Firmware::Bios],
+        }
+    }
+}
 
 /// How much of the image is read and sent at a time.
 const CHUNK: u64 = 4 << 20;
@@ -293,6 +308,16 @@ impl Guest for OpenStack {
         ] {
             if let Some(value) = lookup(&parameters, key).filter(|v| !v.is_empty()) {
                 record[property] = json!(value.to_ascii_lowercase());
+            }
+        }
+        // How Nova starts it: UEFI (on q35, the machine type OVMF is built for) where the
+        // image boots with it, else the BIOS; nothing said when the firmware is not known.
+        if let Some(firmware) = lookup(&parameters, "image.firmware") {
+            if firmware.split(',').any(|f| f == "uefi") {
+                record["hw_firmware_type"] = json!("uefi");
+                record["hw_machine_type"] = json!("q35");
+            } else if firmware.split(',').any(|f| f == "bios") {
+                record["hw_firmware_type"] = json!("bios");
             }
         }
         host::progress(1, "creating the image in Glance");

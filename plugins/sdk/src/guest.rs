@@ -3,12 +3,14 @@
 //! image writers' [`Source`](crate::Source) and [`Sink`](crate::Sink), parameter and
 //! setting lookups, and error messages.
 //!
-//! A plugin implements [`Guest`] and exports it with [`export_provider!`]:
+//! A plugin implements [`Guest`] and [`target::Guest`] and exports them with
+//! [`export_provider!`]:
 //!
 //! ```ignore
-//! use conductor_plugin_sdk::guest::{Guest, types::*, host::*};
+//! use conductor_plugin_sdk::guest::{Guest, target, types::*, host::*};
 //! struct MyCloud;
 //! impl Guest for MyCloud { /* info, check_account, build, push, delete, lookup */ }
+//! impl target::Guest for MyCloud { /* needs */ }
 //! conductor_plugin_sdk::guest::export_provider!(MyCloud);
 //! ```
 
@@ -24,9 +26,22 @@ pub mod bindings {
 }
 
 pub use bindings::conductor::provider::{host, types};
-/// Exports a [`Guest`] implementation as the plugin's `provider` interface.
+/// Exports a type implementing [`Guest`] and [`target::Guest`] as the plugin's
+/// `provider` and `target` interfaces.
 pub use bindings::export_provider;
 pub use bindings::exports::conductor::provider::provider::Guest;
+/// What the target needs from the OS in its images: [`target::Guest::needs`].
+pub use bindings::exports::conductor::provider::target;
+
+impl target::OsNeeds {
+    /// A target that boots nothing and needs nothing in its images (a test target).
+    pub fn nothing() -> Self {
+        target::OsNeeds {
+            packages: Vec::new(),
+            firmware: Vec::new(),
+        }
+    }
+}
 
 use host::{DiskReader, DiskWriter};
 use types::{BuildOutput, DiskFormat, Error};

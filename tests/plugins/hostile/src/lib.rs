@@ -21,7 +21,7 @@
 
 wit_bindgen::generate!({
     path: "../../../wit",
-    world: "plugin",
+    world: "provider-plugin",
 });
 
 use conductor::provider::host::{self, DiskReader, DiskWriter, Level};

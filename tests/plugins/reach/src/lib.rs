@@ -11,7 +11,7 @@
 
 wit_bindgen::generate!({
     path: "../../../wit",
-    world: "plugin",
+    world: "provider-plugin",
 });
 
 use conductor::provider::host::{DiskReader, DiskWriter};
