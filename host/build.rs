@@ -119,6 +119,12 @@ fn main() {
         "cargo:rustc-env=CONDUCTOR_TEST_PLUGINS={}",
         test_dir.display()
     );
+    // Where the plugins' dependencies are already compiled, so a test that builds a
+    // plugin outside the workspace (tests/api/template.rs) need not compile them again.
+    println!(
+        "cargo:rustc-env=CONDUCTOR_WASM_TARGET_DIR={}",
+        wasm_target.display()
+    );
 }
 
 /// rust-toolchain.toml names the wasm32-wasip2 target, but a rustup that does not

@@ -35,7 +35,7 @@ use wasmtime_wasi_http::{
 /// Every plugin since 0.1.0 has `provider`: plugins are loaded through this world.
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../plugins/sdk/wit",
         world: "provider-plugin",
         // Host functions may trap: a bad resource handle is a plugin bug, not an error
         // the plugin could handle.
@@ -50,7 +50,7 @@ mod bindings {
 /// `target`, added in 0.1.1, looked up apart where a plugin exports it.
 mod target_bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../plugins/sdk/wit",
         world: "target-plugin",
     });
 }

@@ -1,7 +1,8 @@
-//! The plugin side of `wit/provider.wit`: the generated bindings of the `plugin` world and
-//! the glue every plugin would otherwise write again: the host's disk resources as the
-//! image writers' [`Source`](crate::Source) and [`Sink`](crate::Sink), parameter and
-//! setting lookups, and error messages.
+//! The plugin side of `wit/provider.wit`, which this crate carries so that a plugin
+//! outside the repository needs nothing else: the generated bindings of the `plugin`
+//! world and the glue every plugin would otherwise write again: the host's disk
+//! resources as the image writers' [`Source`](crate::Source) and [`Sink`](crate::Sink),
+//! parameter and setting lookups, and error messages.
 //!
 //! A plugin implements [`Guest`] and [`target::Guest`] and exports them with
 //! [`export_provider!`]:
@@ -17,7 +18,7 @@
 /// The generated bindings. `export_provider!` refers to them by this path.
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "export_provider",

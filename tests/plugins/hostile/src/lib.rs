@@ -20,7 +20,7 @@
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 wit_bindgen::generate!({
-    path: "../../../wit",
+    path: "../../../plugins/sdk/wit",
     world: "provider-plugin",
 });
 
