@@ -1,6 +1,7 @@
-//! Debian, installed without a virtual machine, loop devices or mounts: mmdebstrap makes
-//! the root tree from the mirror; the template's files and commands are applied to a
-//! copy of it inside bubblewrap; mkfs.ext4 turns the tree into the root filesystem,
+//! Debian, installed without a virtual machine, loop devices or mounts on the host:
+//! mmdebstrap makes the root tree from the mirror; the template's files and commands are
+//! applied inside bubblewrap to an overlay of it (userns.rs), whose upper layer takes
+//! every change; mkfs.ext4 turns the merged tree into the root filesystem,
 //! mkfs.vfat and mtools make the EFI system partition with systemd-boot (and syslinux
 //! for BIOS), and sfdisk lays both out on a GPT disk. The result boots under UEFI and
 //! under BIOS.
@@ -16,7 +17,6 @@ use std::path::{Path, PathBuf};
 pub const PROGRAMS: &[&str] = &[
     "mmdebstrap",
     "bwrap",
-    "cp",
     "mkfs.ext4",
     "mkfs.vfat",
     "mmd",
@@ -317,8 +317,9 @@ fn why_install_failed(tail: &str) -> String {
     format!("{reason}; its last output:\n{tail}")
 }
 
-/// Makes the disk: a copy of `tree` with the template's content, its root filesystem,
-/// the EFI system partition, and the GPT disk holding both. Returns the disk.
+/// Makes the disk: `tree` with the template's content (in an overlay: the cached tree is
+/// only read), its root filesystem, the EFI system partition, and the GPT disk holding
+/// both. Returns the disk.
 #[allow(clippy::too_many_arguments)]
 pub fn make_disk(
     release: &Release,
@@ -335,11 +336,17 @@ pub fn make_disk(
         let what = what.to_owned();
         move |e: std::io::Error| InstallError::io(&what, e)
     };
-    let copy = work.join("tree");
+    let overlay = work.join("overlay");
     let control = work.join("control");
     let boot = work.join("boot");
-    std::fs::create_dir_all(&control).map_err(io("making the work directory"))?;
-    std::fs::create_dir_all(&boot).map_err(io("making the work directory"))?;
+    for dir in [&control, &boot] {
+        std::fs::create_dir_all(dir).map_err(io("making the work directory"))?;
+    }
+    for layer in ["upper", "work", "merged"] {
+        std::fs::create_dir_all(overlay.join(layer)).map_err(io("making the overlay"))?;
+    }
+    std::os::unix::fs::symlink(tree, overlay.join("lower")).map_err(io("making the overlay"))?;
+    let merged = overlay.join("merged");
     let step = |what: &str, program: &str, args: Vec<String>| Step {
         what: what.to_owned(),
         program: program.into(),
@@ -351,25 +358,11 @@ pub fn make_disk(
     let sandbox = |what: &str, extra: &[&str], command: &[&str], deadline| Step {
         what: what.to_owned(),
         program: super::own_binary(),
-        args: sandbox_args(&copy, &control, extra, command),
+        args: sandbox_args(&overlay, &control, extra, command),
         deadline,
         env: vec![],
         stdin: None,
     };
-
-    progress(50, "copying the installed tree");
-    let mut cp = step(
-        "copying the installed tree",
-        "cp",
-        vec![
-            "-a".into(),
-            "--reflink=auto".into(),
-            tree.display().to_string(),
-            copy.display().to_string(),
-        ],
-    );
-    cp.deadline = settings.step_deadline;
-    run(&cp, work, log, stopped)?;
 
     progress(54, "configuring the system");
     std::fs::write(control.join("configure.sh"), configure_script(release))
@@ -526,26 +519,35 @@ pub fn make_disk(
     )?;
     // The root filesystem is made in place, inside the disk at its partition's offset:
     // no image of it to copy afterwards.
+    // mkfs.ext4 reads the merged tree, so it runs in the overlay's mount namespace (as
+    // root of that user namespace, with the host's ids: ownership is read as it is).
     progress(68, "making the root filesystem");
     run(
-        &step(
-            "making the root filesystem",
-            "mkfs.ext4",
-            vec![
-                "-q".into(),
-                "-F".into(),
-                "-L".into(),
-                "root".into(),
-                "-d".into(),
-                copy.display().to_string(),
-                "-E".into(),
-                // nodiscard: a new sparse file has nothing to discard, and the file
-                // holds the partition table and the ESP's place besides the file system.
-                format!("offset={},nodiscard", root_start * mib),
-                disk.display().to_string(),
-                format!("{root_mib}M"),
-            ],
-        ),
+        &Step {
+            program: super::own_binary(),
+            ..step(
+                "making the root filesystem",
+                "mkfs.ext4",
+                vec![
+                    super::userns::ENTRY.into(),
+                    super::userns::OVERLAY.into(),
+                    overlay.display().to_string(),
+                    "mkfs.ext4".into(),
+                    "-q".into(),
+                    "-F".into(),
+                    "-L".into(),
+                    "root".into(),
+                    "-d".into(),
+                    merged.display().to_string(),
+                    "-E".into(),
+                    // nodiscard: a new sparse file has nothing to discard, and the file
+                    // holds the partition table and the ESP's place besides the file system.
+                    format!("offset={},nodiscard", root_start * mib),
+                    disk.display().to_string(),
+                    format!("{root_mib}M"),
+                ],
+            )
+        },
         work,
         log,
         stopped,
@@ -676,16 +678,19 @@ pub fn make_disk(
     Ok(disk)
 }
 
-/// The sandbox's arguments to this binary: a user namespace of its own (see userns.rs),
-/// and in it bubblewrap with the tree as `/`, fresh /dev, /proc and /tmp, new mount, pid,
+/// The sandbox's arguments to this binary: a user namespace of its own with the
+/// overlay of the installed tree mounted (see userns.rs), and in it bubblewrap with the
+/// merged tree as `/`, fresh /dev, /proc and /tmp, new mount, pid,
 /// network, IPC and UTS namespaces (so no network but loopback), no environment but a
 /// PATH, the control directory read-only at /run/control, killed with its parent.
-fn sandbox_args(tree: &Path, control: &Path, extra: &[&str], command: &[&str]) -> Vec<String> {
+fn sandbox_args(overlay: &Path, control: &Path, extra: &[&str], command: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         super::userns::ENTRY,
+        super::userns::OVERLAY,
+        &overlay.display().to_string(),
         "bwrap",
         "--bind",
-        &tree.display().to_string(),
+        &overlay.join("merged").display().to_string(),
         "/",
         "--dev",
         "/dev",

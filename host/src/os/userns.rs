@@ -10,6 +10,14 @@
 //!
 //! The server runs this as `conductor __userns PROGRAM ARGS…` (main dispatches it before
 //! anything else starts, while the process has one thread, which `fork` needs).
+//!
+//! `conductor __userns --overlay DIR PROGRAM ARGS…` also gives the program a mount
+//! namespace of its own in which `DIR/merged` is an overlay: `DIR/lower` (a link to an
+//! installed tree in the cache, never written) under `DIR/upper` (where every change
+//! goes), with `DIR/work` as overlayfs's work folder. An image's customization then
+//! changes a layer of its own instead of a copy of the whole tree, and the cached tree
+//! stays as it was. The mount is seen by that program and its children alone, and ends
+//! with them.
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -31,7 +39,25 @@ pub fn exec(args: &[OsString]) -> ! {
     }
 }
 
+/// The option that asks for an overlay, followed by its folder.
+pub const OVERLAY: &str = "--overlay";
+
 fn run(args: &[OsString]) -> Result<i32, String> {
+    let (overlay, args) = match args {
+        [flag, dir, rest @ ..] if flag == OVERLAY => (Some(dir), rest),
+        [flag] if flag == OVERLAY => return Err("--overlay needs a folder".into()),
+        _ => (None, args),
+    };
+    // Made before the fork: the child only makes system calls. Relative names, resolved
+    // in the overlay's folder, so that no path needs escaping in the mount options.
+    let overlay = overlay
+        .map(|dir| -> Result<_, String> {
+            let dir = CString::new(dir.as_bytes()).map_err(|_| "the overlay folder holds NUL")?;
+            let options = CString::new("lowerdir=lower,upperdir=upper,workdir=work,userxattr")
+                .map_err(|_| "NUL")?;
+            Ok((dir, options))
+        })
+        .transpose()?;
     let Some(program) = args.first() else {
         return Err("no program given".into());
     };
@@ -74,6 +100,39 @@ fn run(args: &[OsString]) -> Result<i32, String> {
             }
             libc::setresgid(0, 0, 0);
             libc::setresuid(0, 0, 0);
+            if let Some((dir, options)) = &overlay {
+                // Root of this user namespace may make a mount namespace it owns, and
+                // mount an overlay there (userxattr: its own marks go in user.*
+                // attributes, which an unprivileged overlay must use).
+                let failed = |what: &[u8]| {
+                    libc::write(2, what.as_ptr().cast(), what.len());
+                    libc::_exit(125);
+                };
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    failed(b"conductor __userns: could not make a mount namespace\n");
+                }
+                if libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                    || libc::chdir(dir.as_ptr()) != 0
+                {
+                    failed(b"conductor __userns: could not enter the overlay's folder\n");
+                }
+                if libc::mount(
+                    c"overlay".as_ptr(),
+                    c"merged".as_ptr(),
+                    c"overlay".as_ptr(),
+                    0,
+                    options.as_ptr().cast(),
+                ) != 0
+                {
+                    failed(b"conductor __userns: could not mount the overlay (overlayfs in a user namespace needs Linux 5.11)\n");
+                }
+            }
             libc::execvp(program.as_ptr(), argv_ptrs.as_ptr());
             libc::_exit(127);
         }
