@@ -31,6 +31,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start and matched at once: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
@@ -85,6 +87,11 @@ enum Command {
             default_value = "release"
         )]
         plugin_memory_reset: conductor::plugins::MemoryReset,
+        /// Where compiled plugins are kept (default `<data>/plugin-cache`). Servers of
+        /// one build on one machine may share it; it runs as machine code, so only the
+        /// server's user may write there.
+        #[arg(long, env = "CONDUCTOR_PLUGIN_CACHE")]
+        plugin_cache: Option<PathBuf>,
         /// A PEM certificate chain: with --tls-key, the API is served over HTTPS only.
         #[arg(long, env = "CONDUCTOR_TLS_CERT", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -231,6 +238,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("max_per_environment", "CONDUCTOR_MAX_PER_ENVIRONMENT"),
     ("plugin_limits", "CONDUCTOR_PLUGIN_LIMITS"),
     ("plugin_memory_reset", "CONDUCTOR_PLUGIN_MEMORY_RESET"),
+    ("plugin_cache", "CONDUCTOR_PLUGIN_CACHE"),
     ("tls_cert", "CONDUCTOR_TLS_CERT"),
     ("tls_key", "CONDUCTOR_TLS_KEY"),
     ("fetch_allow", "CONDUCTOR_FETCH_ALLOW"),
@@ -365,6 +373,7 @@ async fn run() -> anyhow::Result<()> {
             max_per_environment,
             plugin_limits,
             plugin_memory_reset,
+            plugin_cache,
             tls_cert,
             tls_key,
             fetch_allow,
@@ -396,6 +405,7 @@ async fn run() -> anyhow::Result<()> {
                 admin_password: std::env::var("CONDUCTOR_ADMIN_PASSWORD").ok(),
                 plugin_limits,
                 plugin_memory_reset,
+                plugin_cache,
                 tls: tls_cert.zip(tls_key),
                 fetch,
                 connections: edge.connections(),

@@ -31,6 +31,8 @@ pub struct Config {
     /// Limits of plugin calls (memory, time, fuel) for some or all provider types.
     pub plugin_limits: Vec<PluginLimit>,
     pub plugin_memory_reset: MemoryReset,
+    /// Where compiled plugins are kept; `<data>/plugin-cache` when unset.
+    pub plugin_cache: Option<PathBuf>,
     /// The bootstrap admin's password on first start; generated and printed when unset.
     pub admin_password: Option<String>,
     /// PEM certificate chain and private key: with both, the API is served over TLS only.
@@ -76,7 +78,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Limits::default(),
         &config.plugin_limits,
         config.plugin_memory_reset,
-        Some(config.data.join("plugin-cache")),
+        Some(
+            config
+                .plugin_cache
+                .clone()
+                .unwrap_or_else(|| config.data.join("plugin-cache")),
+        ),
         config.plugins.clone(),
     )?);
     plugins.load_bundled()?;

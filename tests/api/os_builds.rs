@@ -234,7 +234,11 @@ async fn a_debian_template_builds_an_image_that_boots_with_its_package_file_and_
     // The build log is kept and served: every step's command line and output.
     let log = server.get(&format!("{ti}/log")).await;
     assert_eq!(log.status, 200);
-    assert!(log.body.contains(" mkfs.ext4 -q -F -L root"), "{}", log.body);
+    assert!(
+        log.body.contains(" mkfs.ext4 -q -F -L root"),
+        "{}",
+        log.body
+    );
     assert!(
         log.body.contains("the template's command 'marker'"),
         "{}",
