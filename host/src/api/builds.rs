@@ -1,5 +1,6 @@
 //! `/api/builds` and `/api/images/:image_id/builds` (reference/conductor-api.md §7.3).
 
+use super::Kind;
 use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
 use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
@@ -28,7 +29,7 @@ fn write_build(doc: &mut Doc, base: &str, build: &Build) {
 }
 
 fn build_not_found(id: &str) -> ApiError {
-    ApiError::not_found("BuildNotFound", format!("Could not find Build {id}"))
+    ApiError::NotFound(Kind::Build, id.to_string())
 }
 
 pub async fn list(
@@ -75,8 +76,7 @@ pub async fn list_of_image(
     Path(image): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let missing =
-        || ApiError::bad_request("ImageNotFound", format!("Could not find Image {image}"));
+    let missing = || ApiError::ParentNotFound(Kind::Image, image.to_string());
     let id = parse_id(&image).ok_or_else(missing)?;
     let builds = blocking(&state, move |store| {
         Ok(match store.image(id)? {

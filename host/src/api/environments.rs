@@ -83,12 +83,9 @@ pub async fn show(
         Ok((env, store.accounts()?, store.providers()?))
     })
     .await?;
-    let env = env.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
-        ApiError::not_found(
-            "RecordNotFound",
-            format!("Couldn't find Environment with id={key}"),
-        )
-    })?;
+    let env = env
+        .filter(|e| user.0.sees(e.id))
+        .ok_or_else(|| ApiError::RecordNotFound("Environment", key.to_string()))?;
     let mut doc = Doc::new();
     write_environment(&mut doc, &base, &env, &accounts, &providers);
     Ok(xml_ok(doc.finish()))
@@ -104,10 +101,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 fn family_not_found(id: &str) -> ApiError {
-    ApiError::not_found(
-        "RecordNotFound",
-        format!("Couldn't find PoolFamily with id={id}"),
-    )
+    ApiError::RecordNotFound("PoolFamily", id.to_string())
 }
 
 /// The environment, if it exists for this user.
@@ -233,7 +227,7 @@ pub async fn create_family(
     };
     let problems = apply_family(&body, &mut env, &existing, true);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let env = blocking(&state, move |store| {
         store.create_environment(&env.name, &env.description)
@@ -255,7 +249,7 @@ pub async fn update_family(
     let existing = blocking(&state, |store| store.environments()).await?;
     let problems = apply_family(&body, &mut env, &existing, false);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let saved = env.clone();
     blocking(&state, move |store| store.put_environment(&saved)).await?;
@@ -271,8 +265,8 @@ pub async fn delete_family(
     require_admin(&user)?;
     let env = find_family(&state, &user, &id).await?;
     if env.name == DEFAULT_ENVIRONMENT {
-        return Err(ApiError::in_use(
-            "The default environment cannot be deleted.",
+        return Err(ApiError::InUse(
+            "The default environment cannot be deleted.".into(),
         ));
     }
     let key = env.id;
@@ -289,7 +283,7 @@ pub async fn delete_family(
             .iter()
             .map(|i| format!("{} ({})", i.name, i.id))
             .collect();
-        return Err(ApiError::in_use(format!(
+        return Err(ApiError::InUse(format!(
             "There are following associated images: {}. Delete them first.",
             names.join(", ")
         )));
@@ -354,12 +348,7 @@ async fn set_member(
 ) -> ApiResult {
     let env = find_family(state, user, family).await?;
     user.require(env.id, crate::model::Action::ManageAccounts)?;
-    let missing = || {
-        ApiError::not_found(
-            "RecordNotFound",
-            format!("Couldn't find ProviderAccount with id={account}"),
-        )
-    };
+    let missing = || ApiError::RecordNotFound("ProviderAccount", account.to_string());
     let key = account.parse::<u64>().map_err(|_| missing())?;
     let user = user.clone();
     let changed = blocking(state, move |store| {
@@ -393,7 +382,7 @@ async fn set_member(
         Ok(true) => Ok(no_content()),
         Ok(false) => Err(missing()),
         // Labels name accounts within an environment, so two there may not share one.
-        Err(label) => Err(ApiError::validation(vec![format!(
+        Err(label) => Err(ApiError::Validation(vec![format!(
             "Label {label} is already used by another account in this environment"
         )])),
     }

@@ -44,12 +44,7 @@ fn empty(status: StatusCode) -> Response {
 }
 
 fn forbidden() -> Response {
-    super::ApiError::new(
-        StatusCode::FORBIDDEN,
-        "PermissionDenied",
-        "Insufficient privileges to perform the requested action.",
-    )
-    .into_response()
+    super::ApiError::Forbidden.into_response()
 }
 
 /// Hooks are the server's own outgoing requests and their URLs may carry secrets, so
@@ -170,10 +165,7 @@ pub async fn create(
     // takes an operator's --fetch-allow. (Names are checked again at every delivery,
     // after they are resolved.)
     if let Err(refused) = state.fetch.check(&uri) {
-        return Err(super::ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Hook {uri}: {refused}"),
-        ));
+        return Err(super::ApiError::Incorrect(format!("Hook {uri}: {refused}")));
     }
     let hook = blocking(&state, move |store| store.create_hook(&uri)).await?;
     let base = super::base(&state, &headers);

@@ -7,6 +7,7 @@
 
 mod builds;
 mod environments;
+mod error;
 pub mod hooks;
 mod images;
 pub mod json;
@@ -18,6 +19,8 @@ pub mod rendered;
 mod target_images;
 mod users;
 pub mod xml;
+
+pub use error::{ApiError, ApiResult, Kind};
 
 use crate::auth::{AuthError, Authenticator, Culprit};
 use crate::connections::BodyDeadline;
@@ -58,124 +61,7 @@ pub struct AppState {
 
 pub type Shared = Arc<AppState>;
 
-/// An API failure: its status, Conductor's error code, and a message for the user.
-/// Validation failures of providers, accounts and environments carry one message per
-/// problem and render as Conductor's `<errors>` document instead.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub problems: Vec<String>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            problems: Vec::new(),
-        }
-    }
-
-    /// 422 with `<errors><error><message>…</message></error>…</errors>`.
-    pub fn validation(problems: Vec<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "ValidationFailed",
-            message: problems.join(", "),
-            problems,
-        }
-    }
-
-    /// 409: the thing is still in use (an account with provider images, an environment
-    /// with images).
-    pub fn in_use(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, "Error", message)
-    }
-
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, code, message)
-    }
-
-    /// A failure inside the server: the detail goes to the log, the user gets a sentence.
-    pub fn internal(detail: impl std::fmt::Display) -> ApiError {
-        tracing::error!("internal error: {detail}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "The server failed to handle the request; the server log has the details.",
-        )
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Quota(exceeded) => ApiError::quota(&exceeded),
-            e => ApiError::internal(e),
-        }
-    }
-}
-
-impl ApiError {
-    /// A request over its environment's quota: 429 for jobs (they finish, and then there
-    /// is room again), 413 for what stays (images, stored bytes) until something is
-    /// deleted or the quota raised.
-    pub fn quota(exceeded: &crate::model::QuotaExceeded) -> ApiError {
-        let status = if exceeded.what == "queued jobs" {
-            StatusCode::TOO_MANY_REQUESTS
-        } else {
-            StatusCode::PAYLOAD_TOO_LARGE
-        };
-        let crate::model::QuotaExceeded {
-            what,
-            limit,
-            wanted,
-            ..
-        } = exceeded;
-        let message = if *what == "stored bytes" {
-            format!(
-                "The environment's images take {wanted} bytes, and its quota allows {limit}: delete images or ask an administrator to raise the quota"
-            )
-        } else {
-            format!(
-                "The environment's quota allows {limit} {what}; this request would make {wanted}"
-            )
-        };
-        ApiError::new(status, "QuotaExceeded", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut doc = xml::Doc::new();
-        if !self.problems.is_empty() {
-            doc.open("errors", &[]);
-            for problem in &self.problems {
-                doc.open("error", &[])
-                    .text("message", problem)
-                    .close("error");
-            }
-            doc.close("errors");
-            return (self.status, xml_headers(), doc.finish()).into_response();
-        }
-        doc.open("error", &[])
-            .text("code", self.code)
-            .text("message", &self.message)
-            .close("error");
-        (self.status, xml_headers(), doc.finish()).into_response()
-    }
-}
-
-pub type ApiResult<T = Response> = Result<T, ApiError>;
-
-fn xml_headers() -> [(header::HeaderName, HeaderValue); 1] {
+pub(crate) fn xml_headers() -> [(header::HeaderName, HeaderValue); 1] {
     [(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/xml; charset=utf-8"),
@@ -260,15 +146,15 @@ pub fn field(element: &xml::Element, name: &str) -> Option<String> {
 
 /// Parses a request body whose root must be `root`, or fails with a 422 saying so.
 pub fn parse_body(body: &[u8], root: &str) -> ApiResult<xml::Element> {
-    let element = xml::parse(body).map_err(|e| ApiError::validation(vec![e.0]))?;
+    let element = xml::parse(body).map_err(|e| ApiError::Validation(vec![e.0]))?;
     if element.name != root {
-        return Err(ApiError::validation(vec![format!(
+        return Err(ApiError::Validation(vec![format!(
             "the request body must be a <{root}> document, not <{}>",
             element.name
         )]));
     }
     if let Some(name) = overlong(&element) {
-        return Err(ApiError::validation(vec![format!(
+        return Err(ApiError::Validation(vec![format!(
             "<{name}> is longer than the {MAX_VALUE} characters a value may have"
         )]));
     }
@@ -568,22 +454,12 @@ fn too_large(headers: &HeaderMap) -> bool {
 }
 
 fn request_too_large() -> Response {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "RequestTooLarge",
-        format!("The request body is larger than the {MAX_BODY} bytes this server accepts"),
-    )
-    .into_response()
+    ApiError::TooLarge(MAX_BODY).into_response()
 }
 
 /// 408: the connection layer's body deadline passed while the handler read the body.
 fn body_too_slow(after: Duration) -> Response {
-    ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "RequestTimeout",
-        format!("The request body did not arrive in full within {after:?}; send it without pauses"),
-    )
-    .into_response()
+    ApiError::TooSlow(after).into_response()
 }
 
 fn is_xml(response: &Response) -> bool {
@@ -739,19 +615,11 @@ async fn authenticate(state: &AppState, request: &mut Request) -> Result<(), Res
                 Culprit::Address => "came from your address",
                 Culprit::User => "were sent for this user name",
             };
-            let error = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "TooManyLoginFailures",
-                format!("Too many wrong passwords {whose}; try again in {seconds} s."),
-            );
+            let error = ApiError::LoginsThrottled { whose, seconds };
             Err(retry_after_seconds(error, seconds))
         }
         Err(AuthError::Busy) => {
-            let error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServerBusy",
-                "The server is checking too many passwords at the moment; try again shortly.",
-            );
+            let error = ApiError::Busy;
             Err(retry_after_seconds(error, 1))
         }
         Err(e) => Err(ApiError::internal(e).into_response()),
@@ -796,7 +664,7 @@ impl CurrentUser {
         if self.0.may(environment, action) {
             Ok(())
         } else {
-            Err(forbidden())
+            Err(ApiError::Forbidden)
         }
     }
 
@@ -805,29 +673,16 @@ impl CurrentUser {
         if self.0.admin {
             Ok(())
         } else {
-            Err(forbidden())
+            Err(ApiError::Forbidden)
         }
     }
 }
 
-/// Conductor's wording for a refused action.
-pub fn forbidden() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "PermissionDenied",
-        "Insufficient privileges to perform the requested action.",
-    )
-}
-
 async fn unknown_route(request: Request) -> ApiError {
-    ApiError::not_found(
-        "RecordNotFound",
-        format!(
-            "There is no {} {} in this API",
-            request.method(),
-            request.uri().path()
-        ),
-    )
+    ApiError::NoRoute {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+    }
 }
 
 /// `GET /api`: links to the collections, in Conductor's order (§7.1).

@@ -29,10 +29,7 @@ impl Page {
                 _ => continue,
             };
             *slot = Some(value.parse().map_err(|_| {
-                ApiError::bad_request(
-                    "ParameterDataIncorrect",
-                    format!("{key} must be a whole number, not '{value}'"),
-                )
+                ApiError::Incorrect(format!("{key} must be a whole number, not '{value}'"))
             })?);
         }
         Ok(page)

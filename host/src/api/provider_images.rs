@@ -1,6 +1,7 @@
 //! `/api/provider_images` and `/api/target_images/:ti/provider_images`: list, show,
 //! push (create) and delete (reference/conductor-api.md §7.5).
 
+use super::Kind;
 use super::images::{delete_on_providers, parameters, write_content};
 use super::xml::{self, Doc};
 use super::{
@@ -77,12 +78,7 @@ pub async fn list_of_target_image(
     Path(ti): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let missing = || {
-        ApiError::bad_request(
-            "TargetImageNotFound",
-            format!("Could not find TargetImage {ti}"),
-        )
-    };
+    let missing = || ApiError::ParentNotFound(Kind::TargetImage, ti.to_string());
     let id = parse_id(&ti).ok_or_else(missing)?;
     let rows = blocking(&state, move |store| {
         Ok(if user.sees(store.target_image_environment(id)?) {
@@ -121,12 +117,7 @@ async fn show_one(
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
-    let missing = || {
-        ApiError::not_found(
-            "ProviderImageStatusNotFound",
-            format!("Could not find status for ProviderImage {raw}"),
-        )
-    };
+    let missing = || ApiError::StatusNotFound(Kind::ProviderImage, raw.to_string());
     let id = parse_id(raw).ok_or_else(missing)?;
     visible(state, user, id, parent)
         .await?
@@ -166,12 +157,7 @@ async fn delete_one(
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
-    let missing = || {
-        ApiError::not_found(
-            "ProviderImageNotFound",
-            format!("Could not find ProviderImage {raw}"),
-        )
-    };
+    let missing = || ApiError::NotFound(Kind::ProviderImage, raw.to_string());
     let id = parse_id(raw).ok_or_else(missing)?;
     let env = visible(state, user, id, parent)
         .await?
@@ -219,7 +205,7 @@ pub async fn delete_of_target_image(
 }
 
 fn insufficient(message: &str) -> ApiError {
-    ApiError::bad_request("InsufficientParametersSupplied", message)
+    ApiError::Insufficient(message.into())
 }
 
 /// What the push request names, resolved against the store.
@@ -249,18 +235,16 @@ pub async fn create(
         .ok_or_else(|| insufficient("No Provider Account given"))?;
     let parameters = parameters(&request)?;
     let field = |name: &str| request.child_text(name).filter(|v| !v.is_empty());
-    let not_found = |code: &'static str, kind: &str, raw: &str| {
-        ApiError::not_found(code, format!("Could not find {kind} {raw}"))
-    };
+    let not_found = |kind: Kind, raw: &str| ApiError::NotFound(kind, raw.to_string());
     // The first of image_id, build_id, target_image_id given decides, as in Conductor.
     let (selection, missing) = if let Some(raw) = field("image_id") {
-        let missing = not_found("ImageNotFound", "Image", &raw);
+        let missing = not_found(Kind::Image, &raw);
         (parse_id(&raw).map(Selection::Image), missing)
     } else if let Some(raw) = field("build_id") {
-        let missing = not_found("BuildNotFound", "Build", &raw);
+        let missing = not_found(Kind::Build, &raw);
         (parse_id(&raw).map(Selection::Build), missing)
     } else if let Some(raw) = field("target_image_id") {
-        let missing = not_found("TargetImageNotFound", "TargetImage", &raw);
+        let missing = not_found(Kind::TargetImage, &raw);
         (parse_id(&raw).map(Selection::TargetImage), missing)
     } else {
         return Err(insufficient(
@@ -272,13 +256,10 @@ pub async fn create(
     };
     let labels = split_list(&accounts_text);
     if labels.len() > crate::model::MAX_LIST {
-        return Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!(
-                "At most {} accounts may be pushed to at once",
-                crate::model::MAX_LIST
-            ),
-        ));
+        return Err(ApiError::Incorrect(format!(
+            "At most {} accounts may be pushed to at once",
+            crate::model::MAX_LIST
+        )));
     }
 
     let resolved = blocking(&state, move |store| {
@@ -348,25 +329,17 @@ pub async fn create(
                     .iter()
                     .find(|a| &a.label == label && user.sees_account(a))
             })
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "ProviderAccountNotFound",
-                    format!("Could not find Provider Account for name {label}"),
-                )
-            })?;
+            .ok_or_else(|| ApiError::AccountNotFound(label.to_string()))?;
         if !account.environments.contains(&environment) {
-            let valid: Vec<&str> = accounts
+            let valid = accounts
                 .iter()
                 .filter(|a| a.environments.contains(&environment))
-                .map(|a| a.label.as_str())
+                .map(|a| a.label.clone())
                 .collect();
-            return Err(ApiError::bad_request(
-                "ParameterDataIncorrect",
-                format!(
-                    "Provider Account {label} is not in this Environment. Valid accounts include {}.",
-                    valid.join(", ")
-                ),
-            ));
+            return Err(ApiError::AccountNotInEnvironment {
+                label: label.to_string(),
+                valid,
+            });
         }
         let provider = providers
             .iter()
@@ -375,12 +348,7 @@ pub async fn create(
         let ti = target_images
             .iter()
             .find(|ti| ti.target == provider.target)
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "TargetImageNotFound",
-                    format!("Could not find an appropriate target image for account {label}"),
-                )
-            })?;
+            .ok_or_else(|| ApiError::NoTargetImageFor(label.to_string()))?;
         plan.push((account, provider, ti));
     }
 
@@ -451,12 +419,7 @@ pub async fn cancel(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let missing = || {
-        ApiError::not_found(
-            "ProviderImageNotFound",
-            format!("Could not find ProviderImage {raw}"),
-        )
-    };
+    let missing = || ApiError::NotFound(Kind::ProviderImage, raw.to_string());
     let id = parse_id(&raw).ok_or_else(missing)?;
     let env = visible(&state, &user, id, None)
         .await?
@@ -470,12 +433,10 @@ pub async fn cancel(
     .await?;
     match outcome {
         (None, _) => Err(missing()),
-        (Some(_), Some(status)) => Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!(
-                "ProviderImage {raw} is {} and cannot be cancelled",
-                status.as_str()
-            ),
+        (Some(_), Some(status)) => Err(ApiError::NotCancellable(
+            Kind::ProviderImage,
+            raw.to_string(),
+            status,
         )),
         (Some(pi), None) => {
             state.jobs.cancel(id);

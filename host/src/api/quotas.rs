@@ -46,12 +46,8 @@ async fn environment(state: &Shared, user: &CurrentUser, key: &str) -> ApiResult
             .cloned())
     })
     .await?;
-    env.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
-        ApiError::not_found(
-            "RecordNotFound",
-            format!("Couldn't find Environment with id={key}"),
-        )
-    })
+    env.filter(|e| user.0.sees(e.id))
+        .ok_or_else(|| ApiError::RecordNotFound("Environment", key.to_string()))
 }
 
 async fn render(state: &Shared, env: Environment) -> ApiResult {
@@ -102,7 +98,7 @@ pub async fn update(
         queued_jobs: limit("queued_jobs"),
     };
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let id = env.id;
     blocking(&state, move |store| store.put_quota(id, &quota)).await?;

@@ -2,6 +2,7 @@
 //! (reference/conductor-api.md §7.4). Unlike Conductor, target images are listed and
 //! shown while they build, with their live status and progress.
 
+use super::Kind;
 use super::images::{delete_on_providers, remove_files, write_content};
 use super::xml::Doc;
 use super::{
@@ -129,8 +130,7 @@ pub async fn list_of_build(
     Path(build): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult {
-    let missing =
-        || ApiError::bad_request("BuildNotFound", format!("Could not find Build {build}"));
+    let missing = || ApiError::ParentNotFound(Kind::Build, build.to_string());
     let id = parse_id(&build).ok_or_else(missing)?;
     let rows = blocking(&state, move |store| {
         let reader = store.reader()?;
@@ -156,12 +156,7 @@ async fn show_one(
     raw: &str,
     parent: Option<Id>,
 ) -> ApiResult {
-    let missing = || {
-        ApiError::not_found(
-            "TargetImageStatusNotFound",
-            format!("Could not find status for TargetImage {raw}"),
-        )
-    };
+    let missing = || ApiError::StatusNotFound(Kind::TargetImage, raw.to_string());
     let id = parse_id(raw).ok_or_else(missing)?;
     let found = blocking(state, move |store| {
         let reader = store.reader()?;
@@ -215,10 +210,7 @@ async fn visible(
 }
 
 fn ti_not_found(id: &str) -> ApiError {
-    ApiError::not_found(
-        "TargetImageNotFound",
-        format!("Could not find TargetImage {id}"),
-    )
+    ApiError::NotFound(Kind::TargetImage, id.to_string())
 }
 
 async fn delete_one(
@@ -386,15 +378,9 @@ pub async fn data(
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
     let ti = find(&state, &user, &raw).await?;
-    let disk = ti.disk.ok_or_else(|| {
-        ApiError::not_found(
-            "TargetImageNotBuilt",
-            format!(
-                "TargetImage {raw} has no image yet: it is {}",
-                ti.progress.status.as_str()
-            ),
-        )
-    })?;
+    let disk = ti
+        .disk
+        .ok_or_else(|| ApiError::NotBuilt(raw.to_string(), ti.progress.status))?;
     let path = state.jobs.blobs().path(&disk.sha256);
     let mut file = tokio::fs::File::open(&path)
         .await
@@ -466,12 +452,10 @@ pub async fn cancel(
     .await?;
     match outcome {
         (None, _) => Err(ti_not_found(&raw)),
-        (Some(_), Some(status)) => Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!(
-                "TargetImage {raw} is {} and cannot be cancelled",
-                status.as_str()
-            ),
+        (Some(_), Some(status)) => Err(ApiError::NotCancellable(
+            Kind::TargetImage,
+            raw.to_string(),
+            status,
         )),
         (Some(ti), None) => {
             state.jobs.cancel(id);

@@ -38,10 +38,7 @@ fn write_user(doc: &mut Doc, base: &str, user: &User, environments: &[Environmen
 }
 
 fn user_not_found(name: &str) -> ApiError {
-    ApiError::not_found(
-        "RecordNotFound",
-        format!("Couldn't find User with id={name}"),
-    )
+    ApiError::RecordNotFound("User", name.to_string())
 }
 
 fn boolean(text: &str) -> Option<bool> {
@@ -171,7 +168,7 @@ pub async fn create(
     .map_err(ApiError::internal)?;
     problems.extend(more);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let saved = user.clone();
     blocking(&state, move |store| store.put_user(&saved)).await?;
@@ -216,7 +213,7 @@ pub async fn update(
         );
     }
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let saved = user.clone();
     blocking(&state, move |store| store.put_user(&saved)).await?;

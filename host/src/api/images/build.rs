@@ -42,13 +42,10 @@ pub(super) async fn build(
         .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
     let targets = split_list(&request.child_text("targets").unwrap_or_default());
     if targets.len() > crate::model::MAX_LIST {
-        return Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!(
-                "At most {} targets may be built at once",
-                crate::model::MAX_LIST
-            ),
-        ));
+        return Err(ApiError::Incorrect(format!(
+            "At most {} targets may be built at once",
+            crate::model::MAX_LIST
+        )));
     }
     let parameters = parameters(request)?;
 
@@ -64,12 +61,9 @@ pub(super) async fn build(
         })
         .await?
     };
-    let environment = environment.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
-        ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Environment {env_name} was not found."),
-        )
-    })?;
+    let environment = environment
+        .filter(|e| user.0.sees(e.id))
+        .ok_or_else(|| ApiError::EnvironmentNotFound(env_name.to_string()))?;
     user.require(environment.id, Action::ManageImages)?;
     // Only now, for a user who may build here, is anything said about a URL or a path.
     let base_image = request
@@ -80,8 +74,7 @@ pub(super) async fn build(
                 import_dir: state.import_dir.as_deref(),
                 policy: &state.fetch,
             };
-            crate::blobs::check_base_url(&url, &source)
-                .map_err(|e| ApiError::bad_request("ParameterDataIncorrect", e))?;
+            crate::blobs::check_base_url(&url, &source).map_err(ApiError::Incorrect)?;
             Ok(BaseImage { url, sha256: None })
         })
         .transpose()?;
@@ -95,9 +88,8 @@ pub(super) async fn build(
         )));
     }
     if targets.is_empty() {
-        return Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            "No targets given: name at least one target, such as <targets>mock</targets>",
+        return Err(ApiError::Incorrect(
+            "No targets given: name at least one target, such as <targets>mock</targets>".into(),
         ));
     }
     // A target can be built in an environment when one of its accounts is a member.
@@ -117,20 +109,14 @@ pub(super) async fn build(
         if plugins.get(target).is_none() {
             unknown = Some(target.clone());
         } else if !buildable.contains(target) {
-            return Err(ApiError::bad_request(
-                "ParameterDataIncorrect",
-                format!(
-                    "Target {target} has no Provider Accounts in this Environment. Valid targets include {}.",
-                    buildable.join(", ")
-                ),
-            ));
+            return Err(ApiError::TargetNotBuildable {
+                target: target.clone(),
+                valid: buildable.clone(),
+            });
         }
     }
     if let Some(target) = unknown {
-        return Err(ApiError::not_found(
-            "TargetNotFound",
-            format!("Could not find Target {target}"),
-        ));
+        return Err(ApiError::TargetNotFound(target));
     }
     if base_image.is_none() {
         check_install(state.jobs.installer(), &plugins, &template, &targets)?;
@@ -236,7 +222,7 @@ fn check_install(
     template: &model::tdl::Template,
     targets: &[String],
 ) -> ApiResult<()> {
-    let refuse = |reason: String| ApiError::bad_request("ParameterDataIncorrect", reason);
+    let refuse = |reason: String| ApiError::Incorrect(reason);
     let plan = installer
         .plan(template, &plugins.needed_packages(targets))
         .map_err(refuse)?;

@@ -14,34 +14,27 @@ use super::*;
 fn lookup_failed(identifier: &str, account: &str, error: PluginError) -> ApiError {
     tracing::info!(%identifier, "import lookup failed: {error}");
     match error {
-        PluginError::NotFound(_) => ApiError::not_found(
-            "ImageNotFound",
-            format!("Could not find Image {identifier} on Provider"),
-        ),
-        PluginError::BadCredentials(reason) => ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Provider Account {account}: the provider refused its credentials: {reason}"),
-        ),
-        PluginError::InvalidInput(reason) => ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Image {identifier} cannot be looked up on this Provider: {reason}"),
-        ),
-        other => ApiError::not_found(
-            "ImageNotFound",
-            format!("Could not find Image {identifier} on Provider: the lookup failed: {other}"),
-        ),
+        PluginError::NotFound(_) => ApiError::NotOnProvider {
+            identifier: identifier.to_owned(),
+            failure: None,
+        },
+        PluginError::BadCredentials(reason) => ApiError::Incorrect(format!(
+            "Provider Account {account}: the provider refused its credentials: {reason}"
+        )),
+        PluginError::InvalidInput(reason) => ApiError::Incorrect(format!(
+            "Image {identifier} cannot be looked up on this Provider: {reason}"
+        )),
+        other => ApiError::NotOnProvider {
+            identifier: identifier.to_owned(),
+            failure: Some(other.to_string()),
+        },
     }
 }
 
 /// The `<image><name>…</name></image>` descriptor inside `<image_descriptor>`, given as
 /// an element or as escaped text; returns the name it gives.
 fn descriptor_name(descriptor: &Element) -> Result<String, ApiError> {
-    let bad = |why: &str| {
-        ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Invalid image descriptor: {why}"),
-        )
-    };
+    let bad = |why: &str| ApiError::Incorrect(format!("Invalid image descriptor: {why}"));
     let parsed;
     let image = match descriptor.elements().next() {
         Some(element) => element,
@@ -105,42 +98,32 @@ pub(super) async fn import(
     };
     // Checks in Conductor's order, so the same request fails the same way. An account
     // or environment the user has no role in does not exist for them.
-    let account = account.filter(|a| user.sees_account(a)).ok_or_else(|| {
-        ApiError::not_found(
-            "ProviderAccountNotFound",
-            format!("Could not find Provider Account for name {label}"),
-        )
-    })?;
-    let environment = environment.filter(|e| user.0.sees(e.id)).ok_or_else(|| {
-        ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Environment {env_name} was not found."),
-        )
-    })?;
+    let account = account
+        .filter(|a| user.sees_account(a))
+        .ok_or_else(|| ApiError::AccountNotFound(label.to_string()))?;
+    let environment = environment
+        .filter(|e| user.0.sees(e.id))
+        .ok_or_else(|| ApiError::EnvironmentNotFound(env_name.to_string()))?;
     user.require(environment.id, Action::ManageImages)?;
     if !account.environments.contains(&environment.id) {
-        let valid: Vec<&str> = accounts
+        let valid = accounts
             .iter()
             .filter(|a| a.environments.contains(&environment.id))
-            .map(|a| a.label.as_str())
+            .map(|a| a.label.clone())
             .collect();
-        return Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!(
-                "Provider Account {label} is not in this Environment. Valid accounts include {}.",
-                valid.join(", ")
-            ),
-        ));
+        return Err(ApiError::AccountNotInEnvironment {
+            label: label.to_string(),
+            valid,
+        });
     }
     if identifier.is_empty() {
         return Err(insufficient("No target identifier given"));
     }
     let name = descriptor_name(descriptor)?;
     if name.chars().count() > MAX_NAME {
-        return Err(ApiError::bad_request(
-            "ParameterDataIncorrect",
-            format!("Invalid image descriptor: the name is longer than {MAX_NAME} characters"),
-        ));
+        return Err(ApiError::Incorrect(format!(
+            "Invalid image descriptor: the name is longer than {MAX_NAME} characters"
+        )));
     }
     let provider = providers
         .into_iter()
@@ -171,13 +154,7 @@ pub(super) async fn import(
         .await?
     };
     if holders.iter().any(|env| *env != environment.id) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "ParameterDataIncorrect",
-            format!(
-                "Image {identifier} on this Provider belongs to another environment and cannot be imported here"
-            ),
-        ));
+        return Err(ApiError::ImportedElsewhere(identifier.to_string()));
     }
 
     let complete = || Progress {

@@ -1,6 +1,7 @@
 //! `/api/images` and `/api/environments/:env/images`: list, show, build (create from a
 //! TDL template) and delete with cascade (reference/conductor-api.md §7.2).
 
+use super::Kind;
 use super::page::{Page, with_total};
 use super::rendered::Kept;
 use super::xml::{self, Doc, Element};
@@ -48,7 +49,7 @@ pub(super) fn write_image(doc: &mut Doc, base: &str, image: &Image, env: &str, b
 }
 
 fn image_not_found(id: &str) -> ApiError {
-    ApiError::not_found("ImageNotFound", format!("Could not find Image {id}"))
+    ApiError::NotFound(Kind::Image, id.to_string())
 }
 
 async fn render_list(
@@ -364,14 +365,11 @@ const MAX_NAME: usize = 255;
 const MAX_DESCRIPTION: usize = 4096;
 
 fn insufficient(message: &str) -> ApiError {
-    ApiError::bad_request("InsufficientParametersSupplied", message)
+    ApiError::Insufficient(message.into())
 }
 
 fn invalid_template(problem: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(
-        "ParameterDataIncorrect",
-        format!("Invalid Image Template: {problem}"),
-    )
+    ApiError::InvalidTemplate(problem.to_string())
 }
 
 /// The TDL document inside `<tdl>`, in any of the three forms clients send: a child
@@ -401,27 +399,18 @@ pub(super) fn parameters(request: &Element) -> Result<Vec<(String, String)>, Api
         let name = p
             .attribute("name")
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "ParameterDataIncorrect",
-                    "each <parameter> needs a name attribute",
-                )
-            })?;
+            .ok_or_else(|| ApiError::Incorrect("each <parameter> needs a name attribute".into()))?;
         if pairs.len() >= 64 {
-            return Err(ApiError::bad_request(
-                "ParameterDataIncorrect",
-                "at most 64 parameters are accepted",
+            return Err(ApiError::Incorrect(
+                "at most 64 parameters are accepted".into(),
             ));
         }
         let value = p.text().trim().to_owned();
         if name.len() > 256 || value.chars().count() > super::MAX_VALUE {
-            return Err(ApiError::bad_request(
-                "ParameterDataIncorrect",
-                format!(
-                    "parameter names are at most 256 bytes and values at most {} characters",
-                    super::MAX_VALUE
-                ),
-            ));
+            return Err(ApiError::Incorrect(format!(
+                "parameter names are at most 256 bytes and values at most {} characters",
+                super::MAX_VALUE
+            )));
         }
         pairs.push((name.to_owned(), value));
     }
@@ -483,6 +472,6 @@ mod tests {
     #[test]
     fn two_templates_are_refused() {
         let result = tdl_of("<image><tdl><template/><template/></tdl></image>");
-        assert!(result.is_err_and(|e| e.message.contains("exactly one")));
+        assert!(result.is_err_and(|e| e.message().contains("exactly one")));
     }
 }

@@ -274,7 +274,7 @@ async fn check_credentials(
     let checked = tokio::task::spawn_blocking(move || jobs.check_account(&provider, &account))
         .await
         .map_err(ApiError::internal)?;
-    checked.map_err(|e| ApiError::validation(vec![credentials_problem(e)]))
+    checked.map_err(|e| ApiError::Validation(vec![credentials_problem(e)]))
 }
 
 async fn create_account_for(
@@ -300,7 +300,7 @@ async fn create_account_for(
         .get(&provider.target)
         .map(|p| p.info.clone())
         .ok_or_else(|| {
-            ApiError::validation(vec![format!(
+            ApiError::Validation(vec![format!(
                 "no plugin for provider type {} is loaded on this server",
                 provider.target
             )])
@@ -313,7 +313,7 @@ async fn create_account_for(
         .iter()
         .find(|e| e.name == env_name && user.0.sees(e.id))
         .ok_or_else(|| {
-            ApiError::validation(vec![format!("Environment {env_name} was not found.")])
+            ApiError::Validation(vec![format!("Environment {env_name} was not found.")])
         })?;
     user.require(environment.id, Action::ManageAccounts)?;
     let mut account = Account {
@@ -327,7 +327,7 @@ async fn create_account_for(
     };
     let problems = apply_account(&body, &mut account, &info, &existing, true);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     check_credentials(state, &provider, &account).await?;
     let account = blocking(state, move |store| store.create_account(account)).await?;
@@ -372,7 +372,7 @@ pub async fn update_account(
 ) -> ApiResult {
     let (mut account, provider) = find_account(&state, &user, &id).await?;
     if !administers(&user, &account) {
-        return Err(crate::api::forbidden());
+        return Err(ApiError::Forbidden);
     }
     let body = parse_body(&body, "provider_account")?;
     let info = state
@@ -380,7 +380,7 @@ pub async fn update_account(
         .get(&provider.target)
         .map(|p| p.info.clone())
         .ok_or_else(|| {
-            ApiError::validation(vec![format!(
+            ApiError::Validation(vec![format!(
                 "no plugin for provider type {} is loaded on this server",
                 provider.target
             )])
@@ -389,7 +389,7 @@ pub async fn update_account(
     let before = account.credentials.clone();
     let problems = apply_account(&body, &mut account, &info, &existing, false);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     if account.credentials != before {
         check_credentials(&state, &provider, &account).await?;
@@ -415,7 +415,7 @@ pub async fn delete_account(
 ) -> ApiResult {
     let (account, _) = find_account(&state, &user, &id).await?;
     if !administers(&user, &account) {
-        return Err(crate::api::forbidden());
+        return Err(ApiError::Forbidden);
     }
     let key = account.id;
     delete_unless_pushed(

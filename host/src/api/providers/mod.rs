@@ -48,12 +48,10 @@ pub async fn show_type(
     headers: HeaderMap,
 ) -> ApiResult {
     let base = base(&state, &headers);
-    let plugin = state.plugins.get(&id).ok_or_else(|| {
-        ApiError::not_found(
-            "RecordNotFound",
-            format!("Couldn't find ProviderType with id={id}"),
-        )
-    })?;
+    let plugin = state
+        .plugins
+        .get(&id)
+        .ok_or_else(|| ApiError::RecordNotFound("ProviderType", id.to_string()))?;
     let info = &plugin.info;
     let mut doc = Doc::new();
     doc.open(
@@ -117,17 +115,11 @@ fn write_provider(doc: &mut Doc, base: &str, p: &Provider) {
 }
 
 fn provider_not_found(id: &str) -> ApiError {
-    ApiError::not_found(
-        "RecordNotFound",
-        format!("Couldn't find Provider with id={id}"),
-    )
+    ApiError::RecordNotFound("Provider", id.to_string())
 }
 
 fn account_not_found(id: &str) -> ApiError {
-    ApiError::not_found(
-        "RecordNotFound",
-        format!("Couldn't find ProviderAccount with id={id}"),
-    )
+    ApiError::RecordNotFound("ProviderAccount", id.to_string())
 }
 
 /// `?minimal=…` leaves each provider its href and id only, whatever the value
@@ -275,7 +267,7 @@ pub async fn create(
     };
     let problems = apply_provider(&state, &body, &mut provider, &existing, true);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let provider = blocking(&state, move |store| store.create_provider(provider)).await?;
     let mut doc = Doc::new();
@@ -296,7 +288,7 @@ pub async fn update(
     let existing = blocking(&state, |store| store.providers()).await?;
     let problems = apply_provider(&state, &body, &mut provider, &existing, false);
     if !problems.is_empty() {
-        return Err(ApiError::validation(problems));
+        return Err(ApiError::Validation(problems));
     }
     let saved = provider.clone();
     blocking(&state, move |store| store.put_provider(&saved)).await?;
@@ -358,7 +350,7 @@ async fn delete_unless_pushed(
     })
     .await?;
     if !in_use.is_empty() {
-        return Err(ApiError::in_use(format!(
+        return Err(ApiError::InUse(format!(
             "There are following associated provider images: {}. Delete them first.",
             images_in_use(&in_use)
         )));
@@ -382,9 +374,9 @@ pub async fn rescan(
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::validation(vec![e]))?;
+    .map_err(|e| ApiError::Validation(vec![e]))?;
     if !failures.is_empty() {
-        return Err(ApiError::validation(
+        return Err(ApiError::Validation(
             failures.iter().map(|f| f.to_string()).collect(),
         ));
     }
