@@ -1,7 +1,7 @@
 //! `/api/builds` and `/api/images/:image_id/builds` (reference/conductor-api.md §7.3).
 
 use super::Kind;
-use super::images::{delete_on_providers, remove_files, write_content};
+use super::images::write_content;
 use super::xml::Doc;
 use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
 use crate::model::{Action, Build, Id};
@@ -159,8 +159,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_build(id))
         .await?
         .ok_or_else(|| build_not_found(raw))?;
-    remove_files(state, &removed).await;
-    let outcomes = delete_on_providers(state, &removed).await;
+    let outcomes = state.jobs.finish_delete(&removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();

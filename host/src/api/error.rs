@@ -273,6 +273,18 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::jobs::PushPlanError> for ApiError {
+    fn from(e: crate::jobs::PushPlanError) -> Self {
+        use crate::jobs::PushPlanError::*;
+        match e {
+            NoAccount(label) => ApiError::AccountNotFound(label),
+            NotInEnvironment { label, valid } => ApiError::AccountNotInEnvironment { label, valid },
+            NoTargetImage(label) => ApiError::NoTargetImageFor(label),
+            NoProvider(label) => ApiError::internal(format!("account {label} has no provider")),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut doc = xml::Doc::new();

@@ -73,6 +73,18 @@ pub fn xml_ok(body: impl Into<Body>) -> Response {
     (StatusCode::OK, xml_headers(), body.into()).into_response()
 }
 
+/// Runs one of the use cases of [`Jobs`] (commit, announce, start) on the blocking pool.
+pub async fn submit<T: Send + 'static>(
+    state: &Shared,
+    f: impl FnOnce(&Arc<Jobs>) -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    let jobs = state.jobs.clone();
+    tokio::task::spawn_blocking(move || f(&jobs))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)
+}
+
 /// Runs a store call on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
     state: &Shared,

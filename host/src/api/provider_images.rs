@@ -2,15 +2,15 @@
 //! push (create) and delete (reference/conductor-api.md §7.5).
 
 use super::Kind;
-use super::images::{delete_on_providers, parameters, write_content};
+use super::images::{parameters, write_content};
 use super::xml::{self, Doc};
 use super::{
-    ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
+    ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, submit, write_progress,
+    xml_ok,
 };
+use crate::jobs::plan_push;
 use crate::model::Action;
-use crate::model::{
-    self, Account, Id, Job, JobKind, Progress, Provider, ProviderImage, TargetImage, split_list,
-};
+use crate::model::{self, Id, Progress, ProviderImage, TargetImage, split_list};
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -166,8 +166,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_provider_image(id))
         .await?
         .ok_or_else(missing)?;
-    state.jobs.cancel(id);
-    let outcomes = delete_on_providers(state, &removed).await;
+    let outcomes = state.jobs.finish_delete(&removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();
@@ -314,44 +313,15 @@ pub async fn create(
         environment.ok_or_else(|| ApiError::internal("a target image without an image"))?;
     user.require(environment, Action::ManageImages)?;
 
-    // Validate every account before dispatching anything.
-    let mut plan: Vec<(&Account, &Provider, &TargetImage)> = Vec::new();
-    for label in &labels {
-        // An account the user has no role for does not exist for them.
-        // Labels are unique within an environment: the image's environment's account
-        // of that label, else one the user sees elsewhere (which is then refused as not
-        // in this environment).
-        let account = accounts
-            .iter()
-            .find(|a| &a.label == label && a.environments.contains(&environment))
-            .or_else(|| {
-                accounts
-                    .iter()
-                    .find(|a| &a.label == label && user.sees_account(a))
-            })
-            .ok_or_else(|| ApiError::AccountNotFound(label.to_string()))?;
-        if !account.environments.contains(&environment) {
-            let valid = accounts
-                .iter()
-                .filter(|a| a.environments.contains(&environment))
-                .map(|a| a.label.clone())
-                .collect();
-            return Err(ApiError::AccountNotInEnvironment {
-                label: label.to_string(),
-                valid,
-            });
-        }
-        let provider = providers
-            .iter()
-            .find(|p| p.id == account.provider_id)
-            .ok_or_else(|| ApiError::internal(format!("account {label} has no provider")))?;
-        let ti = target_images
-            .iter()
-            .find(|ti| ti.target == provider.target)
-            .ok_or_else(|| ApiError::NoTargetImageFor(label.to_string()))?;
-        plan.push((account, provider, ti));
-    }
-
+    // Every account is checked before anything is pushed.
+    let plan = plan_push(
+        &labels,
+        environment,
+        &accounts,
+        &providers,
+        &target_images,
+        |a| user.sees_account(a),
+    )?;
     let provider_images: Vec<ProviderImage> = plan
         .iter()
         .map(|(account, provider, ti)| ProviderImage {
@@ -366,30 +336,9 @@ pub async fn create(
             parameters: parameters.clone(),
         })
         .collect();
-    let jobs: Vec<Job> = provider_images
-        .iter()
-        .map(|pi| Job {
-            id: pi.id,
-            kind: JobKind::Push,
-            attempts: 0,
-            deletion: None,
-        })
-        .collect();
     {
-        let (pis, jobs) = (provider_images.clone(), jobs.clone());
-        blocking(&state, move |store| {
-            store.create_push(environment, &pis, &jobs)
-        })
-        .await?;
-    }
-    // NEW is announced before the jobs start, so listeners see it first.
-    for pi in &provider_images {
-        state
-            .jobs
-            .announce(crate::jobs::Change::ProviderImage(Box::new(pi.clone())));
-    }
-    for job in jobs {
-        state.jobs.start(job);
+        let pis = provider_images.clone();
+        submit(&state, move |jobs| jobs.submit_push(environment, &pis)).await?;
     }
 
     let mut doc = Doc::new();

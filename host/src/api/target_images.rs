@@ -3,7 +3,7 @@
 //! shown while they build, with their live status and progress.
 
 use super::Kind;
-use super::images::{delete_on_providers, remove_files, write_content};
+use super::images::write_content;
 use super::xml::Doc;
 use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
@@ -228,8 +228,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_target_image(id))
         .await?
         .ok_or_else(|| ti_not_found(raw))?;
-    remove_files(state, &removed).await;
-    let outcomes = delete_on_providers(state, &removed).await;
+    let outcomes = state.jobs.finish_delete(&removed).await;
     let base = base(state, headers);
     let id = id.to_string();
     let mut doc = Doc::new();

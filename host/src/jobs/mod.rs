@@ -7,6 +7,10 @@
 
 mod build;
 mod push;
+mod submit;
+
+pub use push::{PushPlan, PushPlanError, plan_push};
+pub use submit::DeleteOutcome;
 
 use crate::blobs::{self, BaseError, Blobs};
 use crate::fetch::FetchPolicy;

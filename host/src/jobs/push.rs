@@ -150,3 +150,189 @@ impl Jobs {
         )))
     }
 }
+
+/// Why a push cannot be planned as asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushPlanError {
+    /// No account of this label that the user may see.
+    NoAccount(String),
+    /// The account is not in the image's environment; `valid` are the ones that are.
+    NotInEnvironment { label: String, valid: Vec<String> },
+    /// No target image of the account's provider type.
+    NoTargetImage(String),
+    /// The account names a provider that is not there (a broken store).
+    NoProvider(String),
+}
+
+/// One push of a plan: the account, its provider, and the target image it gets.
+pub type PushPlan<'a> = Vec<(&'a Account, &'a Provider, &'a TargetImage)>;
+
+/// Which target image goes to which account, for a push to `labels` of an image in
+/// `environment`. Every account is checked before anything is pushed. Labels are
+/// unique within an environment: an account of that label in the environment, else
+/// one `sees` lets the user see elsewhere (which is refused as not in it); one the user
+/// may not see does not exist for them. `target_images` are in order of preference
+/// (newest build first), and each account gets the first of its provider's type.
+pub fn plan_push<'a>(
+    labels: &[String],
+    environment: u64,
+    accounts: &'a [Account],
+    providers: &'a [Provider],
+    target_images: &'a [TargetImage],
+    sees: impl Fn(&Account) -> bool,
+) -> Result<PushPlan<'a>, PushPlanError> {
+    let mut plan = Vec::with_capacity(labels.len());
+    for label in labels {
+        let account = accounts
+            .iter()
+            .find(|a| &a.label == label && a.environments.contains(&environment))
+            .or_else(|| accounts.iter().find(|a| &a.label == label && sees(a)))
+            .ok_or_else(|| PushPlanError::NoAccount(label.clone()))?;
+        if !account.environments.contains(&environment) {
+            return Err(PushPlanError::NotInEnvironment {
+                label: label.clone(),
+                valid: accounts
+                    .iter()
+                    .filter(|a| a.environments.contains(&environment))
+                    .map(|a| a.label.clone())
+                    .collect(),
+            });
+        }
+        let provider = providers
+            .iter()
+            .find(|p| p.id == account.provider_id)
+            .ok_or_else(|| PushPlanError::NoProvider(label.clone()))?;
+        let target_image = target_images
+            .iter()
+            .find(|ti| ti.target == provider.target)
+            .ok_or_else(|| PushPlanError::NoTargetImage(label.clone()))?;
+        plan.push((account, provider, target_image));
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Progress;
+
+    fn account(id: u64, label: &str, provider_id: u64, environments: &[u64]) -> Account {
+        Account {
+            id,
+            label: label.into(),
+            provider_id,
+            credentials: Vec::new(),
+            environments: environments.to_vec(),
+            priority: None,
+            max_running_instances: None,
+        }
+    }
+
+    fn provider(id: u64, target: &str) -> Provider {
+        Provider {
+            id,
+            name: format!("{target}-{id}"),
+            target: target.into(),
+            settings: Vec::new(),
+        }
+    }
+
+    fn target_image(n: u128, target: &str) -> TargetImage {
+        TargetImage {
+            id: Id::from_u128(n),
+            build_id: Id::from_u128(100),
+            target: target.into(),
+            progress: Progress::new(),
+            parameters: Vec::new(),
+            base_image: None,
+            disk: None,
+        }
+    }
+
+    fn labels(list: &[&str]) -> Vec<String> {
+        list.iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn each_account_gets_the_first_target_image_of_its_type() {
+        let accounts = [
+            account(1, "ec2-acc", 1, &[7]),
+            account(2, "mock-acc", 2, &[7]),
+        ];
+        let providers = [provider(1, "ec2"), provider(2, "mock")];
+        // Newest build first: the second mock image is older.
+        let images = [
+            target_image(1, "mock"),
+            target_image(2, "ec2"),
+            target_image(3, "mock"),
+        ];
+        let plan = plan_push(
+            &labels(&["mock-acc", "ec2-acc"]),
+            7,
+            &accounts,
+            &providers,
+            &images,
+            |_| true,
+        )
+        .expect("a plan");
+        let picked: Vec<(u64, u128)> = plan
+            .iter()
+            .map(|(a, _, ti)| (a.id, ti.id.as_u128()))
+            .collect();
+        assert_eq!(picked, [(2, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn an_account_elsewhere_is_named_with_the_ones_that_would_do() {
+        let accounts = [
+            account(1, "mine", 1, &[7]),
+            account(2, "theirs", 1, &[8]),
+            account(3, "hidden", 1, &[9]),
+        ];
+        let providers = [provider(1, "mock")];
+        let images = [target_image(1, "mock")];
+        let plan = |label: &str| {
+            plan_push(&labels(&[label]), 7, &accounts, &providers, &images, |a| {
+                a.id != 3
+            })
+        };
+        assert_eq!(
+            plan("theirs").expect_err("elsewhere"),
+            PushPlanError::NotInEnvironment {
+                label: "theirs".into(),
+                valid: vec!["mine".into()],
+            }
+        );
+        // One the user may not see does not exist for them.
+        assert_eq!(
+            plan("hidden").expect_err("unseen"),
+            PushPlanError::NoAccount("hidden".into())
+        );
+        assert_eq!(
+            plan("nobody").expect_err("missing"),
+            PushPlanError::NoAccount("nobody".into())
+        );
+    }
+
+    #[test]
+    fn an_account_whose_type_was_not_built_is_refused_before_anything_is_pushed() {
+        let accounts = [
+            account(1, "mock-acc", 1, &[7]),
+            account(2, "ec2-acc", 2, &[7]),
+        ];
+        let providers = [provider(1, "mock"), provider(2, "ec2")];
+        let images = [target_image(1, "mock")];
+        assert_eq!(
+            plan_push(
+                &labels(&["mock-acc", "ec2-acc"]),
+                7,
+                &accounts,
+                &providers,
+                &images,
+                |_| true,
+            )
+            .expect_err("no ec2 image"),
+            PushPlanError::NoTargetImage("ec2-acc".into())
+        );
+    }
+}

@@ -149,35 +149,12 @@ pub(super) async fn build(
             disk: None,
         })
         .collect();
-    let jobs: Vec<Job> = target_images
-        .iter()
-        .map(|ti| Job {
-            id: ti.id,
-            kind: JobKind::Build,
-            attempts: 0,
-            deletion: None,
-        })
-        .collect();
     {
-        let (image, build, target_images, jobs) = (
-            image.clone(),
-            build.clone(),
-            target_images.clone(),
-            jobs.clone(),
-        );
-        blocking(state, move |store| {
-            store.create_build(Some(&image), &build, &target_images, &jobs)
+        let (image, build, target_images) = (image.clone(), build.clone(), target_images.clone());
+        submit(state, move |jobs| {
+            jobs.submit_build(Some(&image), &build, &target_images)
         })
         .await?;
-    }
-    // NEW is announced before the jobs start, so listeners see it first.
-    for ti in &target_images {
-        state
-            .jobs
-            .announce(crate::jobs::Change::TargetImage(Box::new(ti.clone())));
-    }
-    for job in jobs {
-        state.jobs.start(job);
     }
 
     let iid = image.id.to_string();

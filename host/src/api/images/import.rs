@@ -204,8 +204,8 @@ pub(super) async fn import(
     };
     {
         let (image, build, ti, pi) = (image.clone(), build.clone(), ti.clone(), pi.clone());
-        blocking(state, move |store| {
-            store.create_import(&image, &build, &ti, &pi)
+        submit(state, move |jobs| {
+            jobs.record_import(&image, &build, &ti, &pi)
         })
         .await?;
     }

@@ -5,10 +5,11 @@ use super::Kind;
 use super::page::{Page, with_total};
 use super::rendered::Kept;
 use super::xml::{self, Doc, Element};
-use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
+use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, submit, xml_ok};
+use crate::jobs::DeleteOutcome;
 use crate::model::{
-    self, Action, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Job, JobKind,
-    Progress, TargetImage, split_list,
+    self, Action, BaseImage, Build, DEFAULT_ENVIRONMENT, Environment, Image, Progress, TargetImage,
+    split_list,
 };
 use crate::plugins::PluginError;
 use crate::store::Removed;
@@ -205,57 +206,11 @@ pub async fn show_in_environment(
     render_one(&state, &headers, &user, id, Some(env)).await
 }
 
-/// How long a delete reply waits for the provider-side deletes before it answers; what
-/// is not done by then goes on in the background (the jobs are stored).
-const PROVIDER_DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// The outcome of removing one image from its provider.
-pub(super) struct Outcome {
-    identifier: String,
-    status: &'static str,
-    error: String,
-}
-
-/// Runs the provider-side deletes a record delete queued, and waits for them a while.
-pub(super) async fn delete_on_providers(state: &Shared, removed: &Removed) -> Vec<Outcome> {
-    let handles: Vec<_> = removed
-        .deletions
-        .iter()
-        .map(|job| {
-            let identifier = job
-                .deletion
-                .as_ref()
-                .map(|d| d.target_identifier.clone())
-                .unwrap_or_default();
-            (identifier, state.jobs.start(job.clone()))
-        })
-        .collect();
-    let deadline = tokio::time::Instant::now() + PROVIDER_DELETE_WAIT;
-    let mut outcomes = Vec::with_capacity(handles.len());
-    for (identifier, handle) in handles {
-        let outcome = match tokio::time::timeout_at(deadline, handle).await {
-            Ok(Ok(Ok(()))) => ("DELETED", String::new()),
-            Ok(Ok(Err(reason))) => ("FAILED", reason),
-            Ok(Err(_)) => ("FAILED", "the delete crashed inside the server".to_owned()),
-            Err(_) => (
-                "DELETING",
-                "not finished yet; it goes on in the background".to_owned(),
-            ),
-        };
-        outcomes.push(Outcome {
-            identifier,
-            status: outcome.0,
-            error: outcome.1,
-        });
-    }
-    outcomes
-}
-
 /// Writes the `<content>` of a delete reply: every provider image that existed, as
 /// (provider, target_identifier), and for each one that had been pushed, what became of
 /// it on the provider (`<status>` DELETED, FAILED or DELETING, and `<error>`). Never an
 /// empty element, because Conductor's client needs text in it.
-pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[Outcome]) {
+pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[DeleteOutcome]) {
     doc.open("content", &[]);
     for pi in &removed.provider_images {
         doc.open("provider_content", &[])
@@ -271,26 +226,6 @@ pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[Outcom
         doc.close("provider_content");
     }
     doc.close("content");
-}
-
-/// Stops the running jobs of deleted records, then removes the blobs that deleted
-/// target images leave unreferenced.
-pub(super) async fn remove_files(state: &Shared, removed: &Removed) {
-    for ti in &removed.target_images {
-        state.jobs.cancel(ti.id);
-    }
-    for pi in &removed.provider_images {
-        state.jobs.cancel(pi.id);
-    }
-    if removed.target_images.iter().all(|ti| ti.disk.is_none()) {
-        return;
-    }
-    let jobs = state.jobs.clone();
-    match tokio::task::spawn_blocking(move || jobs.collect_blobs()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("{e}"),
-        Err(e) => tracing::warn!("{e}"),
-    }
 }
 
 async fn delete_one(
@@ -325,8 +260,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_image(id))
         .await?
         .ok_or_else(|| image_not_found(&raw))?;
-    remove_files(state, &removed).await;
-    let outcomes = delete_on_providers(state, &removed).await;
+    let outcomes = state.jobs.finish_delete(&removed).await;
     let id = id.to_string();
     let mut doc = Doc::new();
     doc.open(
