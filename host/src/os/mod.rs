@@ -27,7 +27,7 @@ use crate::blobs::hex;
 use crate::model::Firmware;
 use crate::model::tdl::{Body, Template};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -185,6 +185,9 @@ pub struct Installer {
     /// one install instead of making it twice, and collection leaves them alone.
     making: Mutex<HashSet<String>>,
     made: Condvar,
+    /// The trees that disks being made read now (an overlay over each), with how many
+    /// read each: collection leaves them alone too.
+    reading: Mutex<HashMap<String, usize>>,
 }
 
 impl Installer {
@@ -226,6 +229,7 @@ impl Installer {
             work,
             making: Mutex::new(HashSet::new()),
             made: Condvar::new(),
+            reading: Mutex::new(HashMap::new()),
         })
     }
 
@@ -396,6 +400,8 @@ impl Installer {
                 made?;
             }
         }
+        // The disk's customization runs over the tree, so it stays while the disk is made.
+        let _reading = self.read(&tree_key);
         let work = self.work_dir()?;
         let result = debian::make_disk(
             release,
@@ -420,6 +426,15 @@ impl Installer {
         std::fs::create_dir_all(&work)
             .map_err(|e| InstallError::io("making a work directory", e))?;
         Ok(work)
+    }
+
+    /// Marks a tree as read until the guard is dropped.
+    fn read(&self, key: &str) -> ReadGuard<'_> {
+        *lock(&self.reading).entry(key.to_owned()).or_default() += 1;
+        ReadGuard {
+            installer: self,
+            key: key.to_owned(),
+        }
     }
 
     fn lock(&self, key: &str) -> KeyGuard<'_> {
@@ -466,10 +481,7 @@ impl Installer {
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            let busy = {
-                let making = self.making.lock().unwrap_or_else(|p| p.into_inner());
-                making.contains(&key)
-            };
+            let busy = lock(&self.making).contains(&key) || lock(&self.reading).contains_key(&key);
             if busy {
                 continue;
             }
@@ -479,6 +491,28 @@ impl Installer {
             ));
             remove_all(&path);
             total = total.saturating_sub(size);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a tree as read by a disk being made.
+struct ReadGuard<'i> {
+    installer: &'i Installer,
+    key: String,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        let mut reading = lock(&self.installer.reading);
+        if let Some(count) = reading.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                reading.remove(&self.key);
+            }
         }
     }
 }
@@ -563,4 +597,40 @@ fn disk_usage(path: &Path) -> u64 {
         })
         .unwrap_or(0)
         + own
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache over its limit loses its least recently used trees, but never one a disk
+    /// being made reads or an install holds.
+    #[test]
+    fn collection_leaves_the_trees_in_use_alone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let installer = Installer::new(
+            dir.path(),
+            Settings {
+                // Room for nothing beyond the one more install collection keeps free.
+                cache_limit: debian::TYPICAL_INSTALL,
+                ..Settings::default()
+            },
+        )
+        .expect("installer");
+        let trees = dir.path().join("os-cache").join("trees");
+        for key in ["read", "held", "idle"] {
+            std::fs::create_dir_all(trees.join(key)).expect("tree");
+            std::fs::write(trees.join(key).join("file"), vec![1u8; 64 << 10]).expect("file");
+        }
+        let log = Log::to_file(&dir.path().join("log")).expect("log");
+        let reading = installer.read("read");
+        let held = installer.lock("held");
+        installer.collect(&log);
+        assert!(trees.join("read").exists(), "a tree a disk reads stays");
+        assert!(trees.join("held").exists(), "a tree an install holds stays");
+        assert!(!trees.join("idle").exists(), "an idle tree goes");
+        drop((reading, held));
+        installer.collect(&log);
+        assert!(!trees.join("read").exists(), "once read, it may go");
+    }
 }
