@@ -19,8 +19,8 @@ use crate::model::{
 };
 use crate::os::{self, Installer};
 use crate::plugins::{
-    self, CallContext, ImageDetails, PluginError, Plugins, StateStore, Stop, StopReason, Target,
-    TemplateFacts,
+    self, CallContext, ImageDetails, PluginError, Plugins, StateError, StateStore, Stop,
+    StopReason, Target, TemplateFacts,
 };
 use crate::store::{Store, StoreError};
 use std::collections::HashMap;
@@ -782,29 +782,33 @@ struct ProviderState {
 }
 
 impl StateStore for ProviderState {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         self.store
             .plugin_state_get(self.provider, key)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
-    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, String> {
+    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, StateError> {
         self.store
             .plugin_state_set(self.provider, key, value, max_keys)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
-    fn delete(&self, key: &str) -> Result<(), String> {
+    fn delete(&self, key: &str) -> Result<(), StateError> {
         self.store
             .plugin_state_delete(self.provider, key)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
-    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String> {
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
         self.store
             .plugin_state_keys(self.provider, prefix, limit)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
+}
+
+fn state_error(e: StoreError) -> StateError {
+    StateError(Box::new(e))
 }
 
 /// What a build or push does when its plugin call failed: a passing failure is retried

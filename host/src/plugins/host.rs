@@ -3,7 +3,7 @@
 
 use super::{
     DiskReader, DiskWriter, STATE_MAX_KEY, STATE_MAX_KEYS, STATE_MAX_LISTED, STATE_MAX_VALUE,
-    State, StateStore, sandbox, wit, wit_host,
+    State, StateError, StateStore, sandbox, wit, wit_host,
 };
 use wasmtime::component::Resource;
 
@@ -97,12 +97,16 @@ impl wit_host::Host for State {
 impl State {
     /// Runs `f` on the state store, logging (not trapping on) storage failures: a
     /// plugin sees a missing value or a failed write, never a host crash.
-    fn with_state<T>(&self, default: T, f: impl FnOnce(&dyn StateStore) -> Result<T, String>) -> T {
+    fn with_state<T>(
+        &self,
+        default: T,
+        f: impl FnOnce(&dyn StateStore) -> Result<T, StateError>,
+    ) -> T {
         match &self.context.state {
             Some(state) => match f(state.as_ref()) {
                 Ok(value) => value,
                 Err(e) => {
-                    tracing::error!(job = %self.context.label, "plugin state: {e}");
+                    tracing::error!(job = %self.context.label, "plugin state: {e}: {}", e.0);
                     default
                 }
             },

@@ -228,12 +228,18 @@ pub type ProgressSink = Box<dyn FnMut(u8, &str) + Send>;
 /// The per-provider key-value store a plugin may keep (WIT `state-*`), supplied by
 /// the caller so that this module stays free of storage.
 pub trait StateStore: Send {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError>;
     /// `Ok(false)` when the provider holds too many keys already.
-    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, String>;
-    fn delete(&self, key: &str) -> Result<(), String>;
-    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, String>;
+    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, StateError>;
+    fn delete(&self, key: &str) -> Result<(), StateError>;
+    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StateError>;
 }
+
+/// The storage under a [`StateStore`] failed; the cause is kept as its source, for the
+/// log (a plugin is told only that its write failed).
+#[derive(Debug, thiserror::Error)]
+#[error("the plugin state store failed")]
+pub struct StateError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 
 const STATE_MAX_KEY: usize = 256;
 const STATE_MAX_VALUE: usize = 64 << 10;
