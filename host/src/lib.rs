@@ -15,3 +15,11 @@ pub mod os;
 pub mod plugins;
 pub mod server;
 pub mod store;
+
+/// Locks a mutex; a panic in another thread while it was held leaves the data usable,
+/// since every value the server keeps behind one stays consistent between statements.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

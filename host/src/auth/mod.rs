@@ -11,6 +11,7 @@ mod throttle;
 
 pub use throttle::{Culprit, LoginLimits};
 
+use crate::lock;
 use crate::model::User;
 use crate::store::{Store, StoreError};
 use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
@@ -19,7 +20,7 @@ use base64::Engine as _;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use throttle::Failures;
 use tokio::sync::Semaphore;
@@ -279,13 +280,6 @@ impl Authenticator {
         }
         vouched.insert(credentials, Instant::now());
     }
-}
-
-/// Locks a map of this module; a panic while it was held leaves it usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A random password for the bootstrap admin when none is configured.

@@ -14,6 +14,7 @@ pub use submit::DeleteOutcome;
 
 use crate::blobs::{self, BaseError, Blobs};
 use crate::fetch::FetchPolicy;
+use crate::lock;
 use crate::model::{
     self, Account, Disk, Id, Job, JobKind, Provider, ProviderImage, Status, TargetImage,
 };
@@ -49,11 +50,6 @@ enum Step {
     Suspend,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 /// Progress is written at most this often; the final report is always written.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 

@@ -24,6 +24,7 @@ pub mod sources;
 pub mod userns;
 
 use crate::blobs::hex;
+use crate::lock;
 use crate::model::Firmware;
 use crate::model::tdl::{Body, Template};
 use sha2::{Digest, Sha256};
@@ -438,7 +439,7 @@ impl Installer {
     }
 
     fn lock(&self, key: &str) -> KeyGuard<'_> {
-        let mut making = self.making.lock().unwrap_or_else(|p| p.into_inner());
+        let mut making = lock(&self.making);
         while making.contains(key) {
             making = self.made.wait(making).unwrap_or_else(|p| p.into_inner());
         }
@@ -495,10 +496,6 @@ impl Installer {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Marks a tree as read by a disk being made.
 struct ReadGuard<'i> {
     installer: &'i Installer,
@@ -525,12 +522,7 @@ struct KeyGuard<'i> {
 
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
-        let mut making = self
-            .installer
-            .making
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        making.remove(&self.key);
+        lock(&self.installer.making).remove(&self.key);
         self.installer.made.notify_all();
     }
 }
