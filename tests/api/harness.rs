@@ -424,15 +424,13 @@ pub fn build_request(targets: &str, template: &str, extra: &str) -> String {
     )
 }
 
-/// Writes a small disk (1 MiB, a few bytes of data) into `import`, a server's
+/// Writes a disk (sparse, 600 MiB, data scattered over it) into `import`, a server's
 /// `--import-dir`, and answers the `<base_image>` element naming it: a cloud target
 /// builds an OS this server does not install only from a base image.
 pub fn base_image(import: &Path) -> String {
     std::fs::create_dir_all(import).expect("import dir");
     let path = import.join("base.raw");
-    let mut disk = vec![0u8; 1 << 20];
-    disk[..16].copy_from_slice(b"conductor-base-1");
-    std::fs::write(&path, disk).expect("write the base image");
+    crate::disks::scattered_disk(&path, 600 << 20);
     format!("<base_image>file://{}</base_image>", path.display())
 }
 
