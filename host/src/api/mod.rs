@@ -78,11 +78,7 @@ pub async fn submit<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&Arc<Jobs>) -> Result<T, StoreError> + Send + 'static,
 ) -> ApiResult<T> {
-    let jobs = state.jobs.clone();
-    tokio::task::spawn_blocking(move || f(&jobs))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::from)
+    on_blocking_pool(state.jobs.clone(), f).await
 }
 
 /// Runs a store call on the blocking pool.
@@ -90,8 +86,16 @@ pub async fn blocking<T: Send + 'static>(
     state: &Shared,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> ApiResult<T> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
+    on_blocking_pool(state.store.clone(), move |store| f(store)).await
+}
+
+/// Runs `f` on `shared` on the blocking pool; a panic there or a store error becomes
+/// the API's error.
+async fn on_blocking_pool<S: Send + Sync + 'static, T: Send + 'static>(
+    shared: Arc<S>,
+    f: impl FnOnce(&Arc<S>) -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(move || f(&shared))
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::from)
