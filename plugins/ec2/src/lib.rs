@@ -31,7 +31,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, lookup, target};
+use conductor_plugin_sdk::guest::{Guest, build_image, image_firmware, lookup, target};
 use conductor_plugin_sdk::http::{Pending, Request};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -136,16 +136,17 @@ impl Guest for Ec2 {
                 )));
             }
             // The firmware the image boots with, when the server installed its OS.
-            None => match lookup(&parameters, "image.firmware").map(|f| {
-                let has = |name: &str| f.split(',').any(|x| x == name);
-                (has("uefi"), has("bios"))
-            }) {
-                Some((true, true)) => "uefi-preferred".into(),
-                Some((true, false)) => "uefi".into(),
-                Some((false, true)) => "legacy-bios".into(),
-                _ if architecture == "arm64" => "uefi".into(),
-                _ => "uefi-preferred".into(),
-            },
+            None => {
+                let firmware = image_firmware(&parameters);
+                let has = |f: target::Firmware| firmware.contains(&f);
+                match (has(target::Firmware::Uefi), has(target::Firmware::Bios)) {
+                    (true, true) => "uefi-preferred".into(),
+                    (true, false) => "uefi".into(),
+                    (false, true) => "legacy-bios".into(),
+                    _ if architecture == "arm64" => "uefi".into(),
+                    _ => "uefi-preferred".into(),
+                }
+            }
         };
         let concurrency = match lookup(&parameters, "upload_concurrency") {
             None => 16,

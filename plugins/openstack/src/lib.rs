@@ -29,7 +29,7 @@ use conductor_plugin_sdk::guest::types::{
     Account, BuildOutput, CredentialDefinition, DiskFormat, Error, ImageDetails, Provider,
     ProviderInfo, Template,
 };
-use conductor_plugin_sdk::guest::{Guest, build_image, lookup, target};
+use conductor_plugin_sdk::guest::{Guest, build_image, image_firmware, lookup, target};
 use conductor_plugin_sdk::http::{self, Request, Response};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha512};
@@ -312,13 +312,12 @@ impl Guest for OpenStack {
         }
         // How Nova starts it: UEFI (on q35, the machine type OVMF is built for) where the
         // image boots with it, else the BIOS; nothing said when the firmware is not known.
-        if let Some(firmware) = lookup(&parameters, "image.firmware") {
-            if firmware.split(',').any(|f| f == "uefi") {
-                record["hw_firmware_type"] = json!("uefi");
-                record["hw_machine_type"] = json!("q35");
-            } else if firmware.split(',').any(|f| f == "bios") {
-                record["hw_firmware_type"] = json!("bios");
-            }
+        let firmware = image_firmware(&parameters);
+        if firmware.contains(&target::Firmware::Uefi) {
+            record["hw_firmware_type"] = json!("uefi");
+            record["hw_machine_type"] = json!("q35");
+        } else if firmware.contains(&target::Firmware::Bios) {
+            record["hw_firmware_type"] = json!("bios");
         }
         host::progress(1, "creating the image in Glance");
         let created = http::send(

@@ -47,6 +47,21 @@ impl target::OsNeeds {
 use host::{DiskReader, DiskWriter};
 use types::{BuildOutput, DiskFormat, Error};
 
+/// The firmware the image being pushed boots with, from the server's `image.firmware`
+/// push parameter (`uefi`, `bios`, `uefi,bios`; since 0.1.1); empty when the server did
+/// not say (a blank disk, a base image from elsewhere, an older server).
+pub fn image_firmware(parameters: &[(String, String)]) -> Vec<target::Firmware> {
+    lookup(parameters, "image.firmware")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|name| match name.trim() {
+            "uefi" => Some(target::Firmware::Uefi),
+            "bios" => Some(target::Firmware::Bios),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The value of the pair named `name` in a list of parameters, settings or credentials.
 pub fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs
