@@ -2,7 +2,7 @@
 //! push (create) and delete (reference/conductor-api.md §7.5).
 
 use super::Kind;
-use super::images::{parameters, write_content};
+use super::images::{insufficient, parameters, write_content};
 use super::xml::{self, Doc};
 use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, submit, write_progress,
@@ -201,10 +201,6 @@ pub async fn delete_of_target_image(
 ) -> ApiResult {
     let parent = parse_id(&ti).unwrap_or(Id::nil());
     delete_one(&state, &headers, &user, &id, Some(parent)).await
-}
-
-fn insufficient(message: &str) -> ApiError {
-    ApiError::Insufficient(message.into())
 }
 
 /// What the push request names, resolved against the store.

@@ -298,7 +298,7 @@ const MAX_TEMPLATE: usize = 256 << 10;
 const MAX_NAME: usize = 255;
 const MAX_DESCRIPTION: usize = 4096;
 
-fn insufficient(message: &str) -> ApiError {
+pub(super) fn insufficient(message: &str) -> ApiError {
     ApiError::Insufficient(message.into())
 }
 
