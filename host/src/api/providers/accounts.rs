@@ -251,6 +251,21 @@ fn apply_account(
 }
 
 /// Turns a plugin's answer to `check-account` into Conductor's validation message.
+/// The info of the plugin serving `provider`'s type; an account of a type no plugin
+/// serves cannot be checked, and is refused.
+fn plugin_info(state: &Shared, provider: &Provider) -> ApiResult<Info> {
+    state
+        .plugins
+        .get(&provider.target)
+        .map(|p| p.info.clone())
+        .ok_or_else(|| {
+            ApiError::Validation(vec![format!(
+                "no plugin for provider type {} is loaded on this server",
+                provider.target
+            )])
+        })
+}
+
 fn credentials_problem(error: PluginError) -> String {
     match error {
         // The plugin's own words, without the "credentials refused" prefix they carry as
@@ -295,16 +310,7 @@ async fn create_account_for(
         .or_else(|| body.child("provider").and_then(|p| field(p, "id")))
         .unwrap_or_default();
     let provider = find_provider(state, &provider_key).await?;
-    let info = state
-        .plugins
-        .get(&provider.target)
-        .map(|p| p.info.clone())
-        .ok_or_else(|| {
-            ApiError::Validation(vec![format!(
-                "no plugin for provider type {} is loaded on this server",
-                provider.target
-            )])
-        })?;
+    let info = plugin_info(state, &provider)?;
     let (existing, environments) = blocking(state, |store| {
         Ok((store.accounts()?, store.environments()?))
     })
@@ -375,16 +381,7 @@ pub async fn update_account(
         return Err(ApiError::Forbidden);
     }
     let body = parse_body(&body, "provider_account")?;
-    let info = state
-        .plugins
-        .get(&provider.target)
-        .map(|p| p.info.clone())
-        .ok_or_else(|| {
-            ApiError::Validation(vec![format!(
-                "no plugin for provider type {} is loaded on this server",
-                provider.target
-            )])
-        })?;
+    let info = plugin_info(&state, &provider)?;
     let existing = blocking(&state, |store| store.accounts()).await?;
     let before = account.credentials.clone();
     let problems = apply_account(&body, &mut account, &info, &existing, false);
