@@ -434,6 +434,36 @@ pub fn base_image(import: &Path) -> String {
     format!("<base_image>file://{}</base_image>", path.display())
 }
 
+/// The digest the server gives a body, written out over every byte from the definition
+/// in the README ("Disk images") rather than taken from the server's code: `sparse-sha256:<hex>`.
+pub fn sparse_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"conductor sparse-sha256 v1\0");
+    for (i, block) in bytes.chunks(64 << 10).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            hasher.update((i as u64).to_be_bytes());
+            hasher.update(block);
+        }
+    }
+    hasher.update((bytes.len() as u64).to_be_bytes());
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sparse-sha256:{hex}")
+}
+
+/// The name of the file under `data/blobs` that holds a body with this digest: the plain
+/// SHA-256 for bodies stored before the sparse digest, `sparse-sha256-<hex>` after.
+pub fn blob_name(digest: &str) -> String {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) => hex.to_owned(),
+        None => digest.replace(':', "-"),
+    }
+}
+
 /// Runs `check` until it answers `Ok`, every 100 ms; after `limit` the test fails with
 /// the last `Err`. For what a server or a cloud does after answering (a delete on the
 /// provider, a log line written).

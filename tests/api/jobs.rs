@@ -215,7 +215,7 @@ async fn jobs_survive_a_crash_with_twenty_builds_and_pushes_running() {
         .doc()
         .descendants()
         .filter(|n| n.has_tag_name("data"))
-        .filter_map(|n| n.attribute("sha256").map(str::to_owned))
+        .filter_map(|n| n.attribute("digest").map(crate::harness::blob_name))
         .collect();
     for blob in std::fs::read_dir(dir.path().join("blobs")).expect("blobs") {
         let name = blob

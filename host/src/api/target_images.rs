@@ -8,6 +8,7 @@ use super::xml::Doc;
 use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
 };
+use crate::blobs;
 use crate::model::Action;
 use crate::model::{Id, ProviderImage, TargetImage};
 use crate::store::{Reader, StoreError};
@@ -59,24 +60,24 @@ fn write_target_image(doc: &mut Doc, base: &str, row: &Row) {
     write_progress(doc, &ti.progress);
     doc.text("target", &ti.target);
     if let Some(base) = &ti.base_image {
-        doc.text_with(
-            "base_image",
-            &[("sha256", base.sha256.as_deref().unwrap_or(""))],
-            &base.url,
-        );
+        let digest = base.digest.as_deref().map(blobs::digest::shown);
+        let mut attributes = Vec::new();
+        if let Some((digest, sha256)) = &digest {
+            attributes.push(("digest", digest.as_str()));
+            attributes.extend(sha256.map(|s| ("sha256", s)));
+        }
+        doc.text_with("base_image", &attributes, &base.url);
     }
     if let Some(disk) = &ti.disk {
-        let id = ti.id.to_string();
-        doc.empty(
-            "data",
-            &[
-                ("href", &format!("{base}/target_images/{id}/data")),
-                ("sha256", &disk.sha256),
-            ],
-        )
-        .text("format", disk.format.as_str())
-        .text("size", &disk.size.to_string())
-        .text("virtual_size", &disk.virtual_size.to_string());
+        let href = format!("{base}/target_images/{}/data", ti.id);
+        let (digest, sha256) = blobs::digest::shown(&disk.blob);
+        let mut attributes = vec![("href", href.as_str()), ("digest", digest.as_str())];
+        // Bodies stored before the sparse digest go on showing their SHA-256.
+        attributes.extend(sha256.map(|s| ("sha256", s)));
+        doc.empty("data", &attributes)
+            .text("format", disk.format.as_str())
+            .text("size", &disk.size.to_string())
+            .text("virtual_size", &disk.virtual_size.to_string());
     }
     doc.open("provider_images", &[]);
     for pi in &row.provider_images {
@@ -380,7 +381,7 @@ pub async fn data(
     let disk = ti
         .disk
         .ok_or_else(|| ApiError::NotBuilt(raw.to_string(), ti.progress.status))?;
-    let path = state.jobs.blobs().path(&disk.sha256);
+    let path = state.jobs.blobs().path(&disk.blob);
     let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
@@ -418,7 +419,7 @@ pub async fn data(
         header::ACCEPT_RANGES,
         header::HeaderValue::from_static("bytes"),
     );
-    if let Ok(etag) = header::HeaderValue::from_str(&format!("\"{}\"", disk.sha256)) {
+    if let Ok(etag) = header::HeaderValue::from_str(&format!("\"{}\"", disk.blob)) {
         headers.insert(header::ETAG, etag);
     }
     if status == StatusCode::PARTIAL_CONTENT

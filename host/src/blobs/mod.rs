@@ -1,4 +1,4 @@
-//! Image bodies on disk: a content-addressed store (`blobs/<sha256>`), written by
+//! Image bodies on disk: a content-addressed store (`blobs/<digest>`, see [`digest`]), written by
 //! renaming a finished, synced file into place so a crash never leaves a half-written
 //! body under a final name; collection of blobs no record references; and fetching the
 //! base image a build starts from (a file in the import directory or an http(s) URL,
@@ -7,9 +7,9 @@
 //! Never imports axum or wasmtime. Everything here blocks on disk or network, so async
 //! callers use the blocking pool.
 
+pub mod digest;
 mod qcow2;
 
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -25,7 +25,8 @@ const CHUNK: usize = 4 << 20;
 /// A stored image body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blob {
-    pub sha256: String,
+    /// Its content address, which names its file: see [`digest`].
+    pub name: String,
     pub size: u64,
 }
 
@@ -49,8 +50,8 @@ impl Blobs {
         })
     }
 
-    pub fn path(&self, sha256: &str) -> PathBuf {
-        self.root.join(sha256)
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
     }
 
     /// Keeps collection away until the guard is dropped.
@@ -66,7 +67,7 @@ impl Blobs {
     /// file is removed instead: bodies are stored once. Call with [`Blobs::hold`] held
     /// until the record is written.
     pub fn ingest(&self, file: &Path, blob: &Blob) -> io::Result<()> {
-        let target = self.path(&blob.sha256);
+        let target = self.path(&blob.name);
         if target.exists() {
             std::fs::remove_file(file)?;
         } else {
@@ -130,46 +131,34 @@ pub fn allocated_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> 
     Ok(extents)
 }
 
-/// SHA-256 and length of a file. Holes are hashed from a zero buffer rather than read.
-/// Stops with [`io::ErrorKind::Interrupted`] when `should_stop` says so, which it is
-/// asked between chunks, so a cancel ends the hashing of a large image.
+/// Content address ([`digest`]) and length of a file. Holes are counted, never read;
+/// allocated blocks of zeros are read and compared, never hashed. Stops with
+/// [`io::ErrorKind::Interrupted`] when `should_stop` says so, which it is asked between
+/// chunks, so a cancel ends the reading of a large image.
 pub fn hash_file(path: &Path, should_stop: &dyn Fn() -> bool) -> io::Result<(String, u64)> {
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
     let extents = allocated_extents(&file, size)?;
-    let zeros = vec![0u8; CHUNK];
     let mut buffer = vec![0u8; CHUNK];
-    let mut hasher = Sha256::new();
+    let mut digest = digest::SparseDigest::default();
     let mut position = 0u64;
-    let stopped = || io::Error::new(io::ErrorKind::Interrupted, "stopped");
-    let hash_zeros = |hasher: &mut Sha256, mut n: u64| {
-        while n > 0 {
-            if should_stop() {
-                return Err(stopped());
-            }
-            let take = n.min(CHUNK as u64) as usize;
-            hasher.update(&zeros[..take]);
-            n -= take as u64;
-        }
-        Ok(())
-    };
     for (offset, length) in extents {
-        hash_zeros(&mut hasher, offset - position)?;
+        digest.zeros(offset - position);
         std::io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
         let mut left = length;
         while left > 0 {
             if should_stop() {
-                return Err(stopped());
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"));
             }
             let take = left.min(CHUNK as u64) as usize;
             file.read_exact(&mut buffer[..take])?;
-            hasher.update(&buffer[..take]);
+            digest.update(&buffer[..take]);
             left -= take as u64;
         }
         position = offset + length;
     }
-    hash_zeros(&mut hasher, size - position)?;
-    Ok((hex(&hasher.finalize()), size))
+    digest.zeros(size - position);
+    Ok((digest.finish(), size))
 }
 
 /// Bytes as lower-case hex: how digests are written in names and documents.
@@ -256,7 +245,7 @@ pub fn fetch_base(
 ) -> Result<(String, u64), BaseError> {
     let max = source.policy.max_bytes;
     let fetched = dest.with_extension("fetched");
-    let sha256 = if let Some(path) = url.strip_prefix("file://") {
+    let digest = if let Some(path) = url.strip_prefix("file://") {
         let source = local_path(path, source.import_dir).map_err(BaseError::Invalid)?;
         let size = std::fs::metadata(&source)
             .map_err(|e| BaseError::Invalid(format!("reading {path}: {e}")))?
@@ -266,17 +255,17 @@ pub fn fetch_base(
                 "base image {path} is larger than the {max} bytes this server allows"
             )));
         }
-        let (sha256, _) = hash_file(&source, should_stop)
+        let (digest, _) = hash_file(&source, should_stop)
             .map_err(|e| stopped_or(e, |e| format!("reading {path}: {e}")))?;
         copy_sparse(&source, &fetched)
             .map_err(|e| BaseError::Invalid(format!("copying {path}: {e}")))?;
-        sha256
+        digest
     } else {
         download(url, source.policy, &fetched, progress, should_stop)?
     };
     let size = to_raw(&fetched, dest, max, should_stop)?;
     let _ = std::fs::remove_file(&fetched);
-    Ok((sha256, size))
+    Ok((digest, size))
 }
 
 fn stopped_or(e: io::Error, describe: impl FnOnce(io::Error) -> String) -> BaseError {
@@ -354,13 +343,13 @@ fn download(
         .build()
         .map_err(|e| failed(FetchError::Failed(e.to_string())))?;
     let mut file = File::create(to).map_err(|e| failed(FetchError::Failed(e.to_string())))?;
-    let mut hasher = Sha256::new();
+    let mut digest = digest::SparseDigest::default();
     runtime
         .block_on(crate::fetch::fetch(
             policy,
             url,
             &mut |chunk| {
-                hasher.update(chunk);
+                digest.update(chunk);
                 file.write_all(chunk)
             },
             progress,
@@ -369,7 +358,7 @@ fn download(
         .map_err(failed)?;
     file.sync_all()
         .map_err(|e| failed(FetchError::Failed(format!("storing what was fetched: {e}"))))?;
-    Ok(hex(&hasher.finalize()))
+    Ok(digest.finish())
 }
 
 #[cfg(test)]
@@ -377,7 +366,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hashes_match_sha256_of_the_bytes_and_ingest_stores_once() -> io::Result<()> {
+    fn a_sparse_file_hashes_as_its_bytes_and_ingest_stores_once() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("a");
         let file = File::create(&path)?;
@@ -385,14 +374,16 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&file, b"abc", 1 << 20)?;
         let mut all = vec![0u8; 3 << 20];
         all[1 << 20..(1 << 20) + 3].copy_from_slice(b"abc");
-        let expected = hex(&Sha256::digest(&all));
+        let mut of_bytes = digest::SparseDigest::default();
+        of_bytes.update(&all);
+        let expected = of_bytes.finish();
         assert_eq!(hash_file(&path, &|| false)?, (expected.clone(), 3 << 20));
         let stopped = hash_file(&path, &|| true).map(drop);
         assert!(stopped.is_err_and(|e| e.kind() == io::ErrorKind::Interrupted));
 
         let blobs = Blobs::open(dir.path())?;
         let blob = Blob {
-            sha256: expected.clone(),
+            name: expected.clone(),
             size: 3 << 20,
         };
         blobs.ingest(&path, &blob)?;

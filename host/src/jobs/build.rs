@@ -122,11 +122,11 @@ impl Jobs {
                         stop.reason().is_some()
                     });
                 match fetched {
-                    Ok((sha256, size)) => {
+                    Ok((digest, size)) => {
                         facts.disk_size = size;
                         self.set_ti(ti.id, |ti| {
                             if let Some(b) = ti.base_image.as_mut() {
-                                b.sha256 = Some(sha256.clone());
+                                b.digest = Some(digest.clone());
                             }
                             ti.progress.activity = "building from the base image".into();
                         })?;
@@ -212,10 +212,10 @@ impl Jobs {
         self.set_ti(ti.id, |ti| {
             ti.progress.activity = "storing the image".into();
         })?;
-        // Hashing takes as long as the image is large: it runs before the hold, which
-        // collection waits for, and a cancel or a shutdown ends it.
+        // Hashing reads every allocated block (holes are only counted): it runs before
+        // the hold, which collection waits for, and a cancel or a shutdown ends it.
         let blob = match blobs::hash_file(&output, &|| stop.reason().is_some()) {
-            Ok((sha256, size)) => blobs::Blob { sha256, size },
+            Ok((name, size)) => blobs::Blob { name, size },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
                 return on_plugin_error(job, stopped(stop), |change| {
                     self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
@@ -245,7 +245,7 @@ impl Jobs {
                 None => format!("built a {} image{blank_note}", built.format.as_str()),
             };
             ti.disk = Some(Disk {
-                sha256: blob.sha256.clone(),
+                blob: blob.name.clone(),
                 format: built.format,
                 size: blob.size,
                 virtual_size: built.virtual_size,

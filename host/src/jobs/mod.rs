@@ -416,7 +416,7 @@ impl Jobs {
         }
         let referenced = target_images
             .into_iter()
-            .filter_map(|ti| ti.disk.map(|d| d.sha256))
+            .filter_map(|ti| ti.disk.map(|d| d.blob))
             .collect();
         self.blobs
             .collect(&referenced)

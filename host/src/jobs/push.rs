@@ -145,7 +145,7 @@ impl Jobs {
             target_of(&provider, &account),
             provider.id,
             plugin,
-            self.blobs.path(&disk.sha256),
+            self.blobs.path(&disk.blob),
             name,
         )))
     }

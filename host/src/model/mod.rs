@@ -257,15 +257,16 @@ pub struct TargetImage {
 pub struct BaseImage {
     /// `file:///…` inside the server's import directory, or `http(s)://…`.
     pub url: String,
-    /// SHA-256 of the bytes fetched, once fetched.
-    pub sha256: Option<String>,
+    /// The digest of the bytes fetched, once fetched, written as a blob's name
+    /// (`blobs::digest`).
+    pub digest: Option<String>,
 }
 
 /// The disk image a finished build produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disk {
-    /// The blob holding the image: its SHA-256, hex.
-    pub sha256: String,
+    /// The blob holding the image: its content address (`blobs::digest`).
+    pub blob: String,
     pub format: DiskFormat,
     /// Size of the image file in bytes.
     pub size: u64,

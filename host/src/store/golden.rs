@@ -188,10 +188,10 @@ fn target_images_v1() {
             parameters: pairs(),
             base_image: Some(BaseImage {
                 url: "https://images.example/base.qcow2".into(),
-                sha256: Some("ab".repeat(32)),
+                digest: Some("ab".repeat(32)),
             }),
             disk: Some(Disk {
-                sha256: "cd".repeat(32),
+                blob: "cd".repeat(32),
                 format: DiskFormat::Qcow2,
                 size: 123_456_789,
                 virtual_size: 10 << 30,
@@ -213,7 +213,7 @@ fn target_images_v2() {
             parameters: pairs(),
             base_image: None,
             disk: Some(Disk {
-                sha256: "cd".repeat(32),
+                blob: "cd".repeat(32),
                 format: DiskFormat::Raw,
                 size: 123_456_789,
                 virtual_size: 10 << 30,

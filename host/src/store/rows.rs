@@ -475,7 +475,9 @@ one_version!(Build, "builds", BuildV1);
 #[derive(Serialize, Deserialize)]
 struct BaseImageV1 {
     url: String,
-    sha256: Option<String>,
+    /// A blob name's form of the digest (`blobs::digest`): a plain SHA-256 in rows
+    /// written before the sparse digest, the same position after.
+    digest: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy)]
@@ -487,7 +489,8 @@ enum DiskFormatV1 {
 
 #[derive(Serialize, Deserialize)]
 struct DiskV1 {
-    sha256: String,
+    /// The blob's name: a plain SHA-256 then, either kind now (`blobs::digest`).
+    blob: String,
     format: DiskFormatV1,
     size: u64,
     virtual_size: u64,
@@ -515,7 +518,7 @@ impl From<TargetImageV1> for TargetImage {
             base_image: t.base_image,
             // What version 1 did not record is not known.
             disk: t.disk.map(|d| DiskV2 {
-                sha256: d.sha256,
+                blob: d.blob,
                 format: d.format,
                 size: d.size,
                 virtual_size: d.virtual_size,
@@ -535,7 +538,7 @@ enum FirmwareV1 {
 /// Version 2 adds the firmware a disk boots with.
 #[derive(Serialize, Deserialize)]
 struct DiskV2 {
-    sha256: String,
+    blob: String,
     format: DiskFormatV1,
     size: u64,
     virtual_size: u64,
@@ -563,10 +566,10 @@ impl From<&TargetImage> for TargetImageV2 {
             parameters: t.parameters.clone(),
             base_image: t.base_image.as_ref().map(|b| BaseImageV1 {
                 url: b.url.clone(),
-                sha256: b.sha256.clone(),
+                digest: b.digest.clone(),
             }),
             disk: t.disk.as_ref().map(|d| DiskV2 {
-                sha256: d.sha256.clone(),
+                blob: d.blob.clone(),
                 format: match d.format {
                     DiskFormat::Raw => DiskFormatV1::Raw,
                     DiskFormat::Qcow2 => DiskFormatV1::Qcow2,
@@ -597,10 +600,10 @@ impl From<TargetImageV2> for TargetImage {
             parameters: t.parameters,
             base_image: t.base_image.map(|b| BaseImage {
                 url: b.url,
-                sha256: b.sha256,
+                digest: b.digest,
             }),
             disk: t.disk.map(|d| Disk {
-                sha256: d.sha256,
+                blob: d.blob,
                 format: match d.format {
                     DiskFormatV1::Raw => DiskFormat::Raw,
                     DiskFormatV1::Qcow2 => DiskFormat::Qcow2,

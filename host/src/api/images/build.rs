@@ -75,7 +75,7 @@ pub(super) async fn build(
                 policy: &state.fetch,
             };
             crate::blobs::check_base_url(&url, &source).map_err(ApiError::Incorrect)?;
-            Ok(BaseImage { url, sha256: None })
+            Ok(BaseImage { url, digest: None })
         })
         .transpose()?;
     // With a base image the disk is the base image's size, held to the same limit when
