@@ -360,7 +360,7 @@ impl Client {
     /// An answer as JSON, whether it came as JSON or (for `--output xml`) as XML.
     fn parse(&self, body: &str) -> anyhow::Result<Value> {
         match self.output {
-            Output::Xml => crate::api::json::from_xml(body.as_bytes()).map_err(anyhow::Error::msg),
+            Output::Xml => crate::api::json::from_xml(body.as_bytes()).map_err(anyhow::Error::from),
             _ => Ok(serde_json::from_str(body)?),
         }
     }

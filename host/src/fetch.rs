@@ -89,7 +89,7 @@ impl FetchError {
 
 impl FetchPolicy {
     /// Adds `--fetch-allow` entries: host names, addresses, or ranges in CIDR form.
-    pub fn allow(mut self, entries: &[String]) -> Result<FetchPolicy, String> {
+    pub fn allow(mut self, entries: &[String]) -> Result<FetchPolicy, BadAllowEntry> {
         for entry in entries.iter().flat_map(|e| e.split(',')) {
             let entry = entry.trim();
             if entry.is_empty() {
@@ -190,12 +190,13 @@ fn not_public(host: &str) -> FetchError {
     ))
 }
 
-fn parse_allowed(entry: &str) -> Result<Allowed, String> {
-    let bad = || {
-        format!(
-            "--fetch-allow {entry}: expected a host name, an address or a range such as 10.0.0.0/8"
-        )
-    };
+/// A `--fetch-allow` entry that is neither a host name, an address nor a range.
+#[derive(Debug, thiserror::Error)]
+#[error("--fetch-allow {0}: expected a host name, an address or a range such as 10.0.0.0/8")]
+pub struct BadAllowEntry(String);
+
+fn parse_allowed(entry: &str) -> Result<Allowed, BadAllowEntry> {
+    let bad = || BadAllowEntry(entry.to_owned());
     if let Some((net, bits)) = entry.split_once('/') {
         let net: IpAddr = net.parse().map_err(|_| bad())?;
         let bits: u8 = bits.parse().map_err(|_| bad())?;
@@ -488,7 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_checked_on_their_literal_host() -> Result<(), String> {
+    fn urls_are_checked_on_their_literal_host() -> Result<(), BadAllowEntry> {
         let policy = FetchPolicy::default();
         for refused in [
             "http://127.0.0.1:8080/x",

@@ -383,9 +383,7 @@ async fn run() -> anyhow::Result<()> {
             edge,
             os,
         } => {
-            let mut fetch = conductor::fetch::FetchPolicy::default()
-                .allow(&fetch_allow)
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let mut fetch = conductor::fetch::FetchPolicy::default().allow(&fetch_allow)?;
             fetch.max_bytes = max_image_size;
             fetch.deadline = std::time::Duration::from_secs(fetch_timeout);
             fetch.stall = std::time::Duration::from_secs(fetch_stall.max(1));

@@ -23,13 +23,30 @@ struct Open {
     text: String,
 }
 
+/// Why a document could not be turned into JSON: it was not well-formed XML.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonError {
+    #[error("{0}")]
+    Xml(#[from] quick_xml::Error),
+    #[error("{0}")]
+    Encoding(#[from] quick_xml::encoding::EncodingError),
+    #[error("{0}")]
+    Escape(#[from] quick_xml::escape::EscapeError),
+    #[error("{0}")]
+    Attribute(#[from] quick_xml::events::attributes::AttrError),
+    #[error("unbalanced XML")]
+    Unbalanced,
+    #[error("no root element")]
+    NoRoot,
+}
+
 /// Converts an XML document this server wrote into JSON.
-pub fn from_xml(xml: &[u8]) -> Result<Value, String> {
+pub fn from_xml(xml: &[u8]) -> Result<Value, JsonError> {
     let mut reader = Reader::from_reader(xml);
     let mut stack: Vec<Open> = Vec::new();
     let mut root: Option<(String, Value)> = None;
     loop {
-        match reader.read_event().map_err(|e| e.to_string())? {
+        match reader.read_event()? {
             Event::Start(start) => stack.push(open(&start)?),
             Event::Empty(start) => {
                 let element = open(&start)?;
@@ -41,18 +58,16 @@ pub fn from_xml(xml: &[u8]) -> Result<Value, String> {
             }
             Event::Text(text) => {
                 if let Some(element) = stack.last_mut() {
-                    let decoded = text.decode().map_err(|e| e.to_string())?;
-                    let unescaped =
-                        quick_xml::escape::unescape(&decoded).map_err(|e| e.to_string())?;
+                    let decoded = text.decode()?;
+                    let unescaped = quick_xml::escape::unescape(&decoded)?;
                     element.text.push_str(&unescaped);
                 }
             }
             Event::GeneralRef(reference) => {
                 if let Some(element) = stack.last_mut() {
-                    let name = reference.decode().map_err(|e| e.to_string())?;
+                    let name = reference.decode()?;
                     let entity = format!("&{name};");
-                    let resolved =
-                        quick_xml::escape::unescape(&entity).map_err(|e| e.to_string())?;
+                    let resolved = quick_xml::escape::unescape(&entity)?;
                     element.text.push_str(&resolved);
                 }
             }
@@ -62,7 +77,7 @@ pub fn from_xml(xml: &[u8]) -> Result<Value, String> {
                 }
             }
             Event::End(_) => {
-                let element = stack.pop().ok_or("unbalanced XML")?;
+                let element = stack.pop().ok_or(JsonError::Unbalanced)?;
                 let (name, value) = close(element);
                 match stack.last_mut() {
                     Some(parent) => parent.children.push((name, value)),
@@ -73,21 +88,18 @@ pub fn from_xml(xml: &[u8]) -> Result<Value, String> {
             _ => {}
         }
     }
-    let (name, value) = root.ok_or("no root element")?;
+    let (name, value) = root.ok_or(JsonError::NoRoot)?;
     let mut object = Map::new();
     object.insert(name, value);
     Ok(Value::Object(object))
 }
 
-fn open(start: &BytesStart<'_>) -> Result<Open, String> {
+fn open(start: &BytesStart<'_>) -> Result<Open, JsonError> {
     let mut attributes = Vec::new();
     for attribute in start.attributes() {
-        let attribute = attribute.map_err(|e| e.to_string())?;
+        let attribute = attribute?;
         let key = String::from_utf8_lossy(attribute.key.as_ref()).into_owned();
-        let value = attribute
-            .unescape_value()
-            .map_err(|e| e.to_string())?
-            .into_owned();
+        let value = attribute.unescape_value()?.into_owned();
         attributes.push((key, value));
     }
     Ok(Open {

@@ -564,7 +564,7 @@ async fn as_json(response: Response) -> Response {
             } else {
                 None
             };
-            json::from_xml(&bytes)
+            json::from_xml(&bytes).map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
     };

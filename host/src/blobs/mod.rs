@@ -178,7 +178,7 @@ pub struct BaseSource<'a> {
 /// Checks a base image URL when the build is requested, so a bad one is refused at
 /// once: `file://` paths must lie inside the import directory, other URLs must be http
 /// or https to a host the fetch policy does not refuse on sight.
-pub fn check_base_url(url: &str, source: &BaseSource) -> Result<(), String> {
+pub fn check_base_url(url: &str, source: &BaseSource) -> Result<(), BaseRefusal> {
     if let Some(path) = url.strip_prefix("file://") {
         local_path(path, source.import_dir).map(|_| ())
     } else if url.starts_with("http://") || url.starts_with("https://") {
@@ -186,26 +186,42 @@ pub fn check_base_url(url: &str, source: &BaseSource) -> Result<(), String> {
             .policy
             .check(url)
             .map(drop)
-            .map_err(|e| format!("base image {url}: {e}"))
+            .map_err(|error| BaseRefusal::Fetch {
+                url: url.to_owned(),
+                error,
+            })
     } else {
-        Err(format!(
-            "base image {url}: only file:// (inside the import directory), http:// and https:// URLs are accepted"
-        ))
+        Err(BaseRefusal::Scheme(url.to_owned()))
     }
 }
 
-/// The file a `file://` URL names, when it is inside the import directory. Messages
-/// name neither the import directory nor whether anything lies outside it.
-fn local_path(path: &str, import_dir: Option<&Path>) -> Result<PathBuf, String> {
+/// Why a base image URL is refused before anything is fetched. Messages name neither
+/// the import directory nor whether anything lies outside it.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseRefusal {
+    #[error("base images from file:// URLs need the server's --import-dir to be set")]
+    NoImportDir,
+    #[error("base image {0} is not a file in the import directory")]
+    NotImported(String),
+    #[error("the server's import directory cannot be read")]
+    ImportDirUnreadable,
+    #[error("base image {url}: {error}")]
+    Fetch { url: String, error: FetchError },
+    #[error(
+        "base image {0}: only file:// (inside the import directory), http:// and https:// URLs are accepted"
+    )]
+    Scheme(String),
+}
+
+/// The file a `file://` URL names, when it is inside the import directory.
+fn local_path(path: &str, import_dir: Option<&Path>) -> Result<PathBuf, BaseRefusal> {
     let Some(dir) = import_dir else {
-        return Err(
-            "base images from file:// URLs need the server's --import-dir to be set".into(),
-        );
+        return Err(BaseRefusal::NoImportDir);
     };
-    let outside = || format!("base image {path} is not a file in the import directory");
+    let outside = || BaseRefusal::NotImported(path.to_owned());
     let dir = dir.canonicalize().map_err(|e| {
         tracing::error!(dir = %dir.display(), "the import directory cannot be read: {e}");
-        "the server's import directory cannot be read".to_owned()
+        BaseRefusal::ImportDirUnreadable
     })?;
     let file = Path::new(path).canonicalize().map_err(|_| outside())?;
     if !file.starts_with(&dir) || !file.is_file() {
@@ -221,6 +237,8 @@ pub enum BaseError {
     Fetch { url: String, error: FetchError },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Refused(#[from] BaseRefusal),
     #[error("stopped")]
     Stopped,
 }
@@ -246,7 +264,7 @@ pub fn fetch_base(
     let max = source.policy.max_bytes;
     let fetched = dest.with_extension("fetched");
     let digest = if let Some(path) = url.strip_prefix("file://") {
-        let source = local_path(path, source.import_dir).map_err(BaseError::Invalid)?;
+        let source = local_path(path, source.import_dir)?;
         let size = std::fs::metadata(&source)
             .map_err(|e| BaseError::Invalid(format!("reading {path}: {e}")))?
             .len();
@@ -420,6 +438,7 @@ mod tests {
             .map(|path| {
                 check_base_url(&format!("file://{path}"), &source(Some(dir.path())))
                     .err()
+                    .map(|e| e.to_string())
                     .unwrap_or_default()
                     .replace(path, "PATH")
             })

@@ -6,7 +6,7 @@ use super::*;
 impl Jobs {
     pub(super) fn build(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
         let Some(ti) = self.store.target_image(job.id)? else {
-            return Ok(Step::Done(Err("the target image was deleted".into())));
+            return Ok(Step::failed("the target image was deleted"));
         };
         if ti.progress.status.is_terminal() {
             return Ok(Step::Done(Ok(())));
@@ -17,7 +17,7 @@ impl Jobs {
             );
             self.store
                 .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
-            return Ok(Step::Done(Err(reason)));
+            return Ok(Step::failed(reason));
         }
         let work = self.paths.work_dir(ti.id);
         let result = self.build_in(&ti, job, &work, stop);
@@ -30,7 +30,7 @@ impl Jobs {
             Err(JobError::Io(reason)) => {
                 tracing::warn!(job = %ti.id, "build failed on the server's disk: {reason}");
                 self.set_ti(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
-                Ok(Step::Done(Err(reason)))
+                Ok(Step::failed(reason))
             }
             other => other,
         }
@@ -58,11 +58,11 @@ impl Jobs {
         let failed = |reason: String| -> Result<Step, JobError> {
             self.store
                 .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
-            Ok(Step::Done(Err(reason)))
+            Ok(Step::failed(reason))
         };
         let (facts, template) = match self.template_for(ti)? {
             Ok(found) => found,
-            Err(reason) => return failed(reason),
+            Err(missing) => return failed(missing.to_string()),
         };
         // The OS the template names, when this server installs it and the build does not
         // start from a base image.
@@ -77,13 +77,10 @@ impl Jobs {
         let plan = match (&ti.base_image, self.installer.plan(&template, &needed)) {
             (Some(_), _) => None,
             (None, Ok(plan)) => plan,
-            (None, Err(reason)) => return failed(reason),
+            (None, Err(refusal)) => return failed(refusal.to_string()),
         };
         let Some(plugin) = self.plugins.get(&ti.target) else {
-            return failed(format!(
-                "no plugin for target '{}' is loaded on this server",
-                ti.target
-            ));
+            return failed(Missing::Plugin(ti.target.clone()).to_string());
         };
 
         let _ = std::fs::remove_dir_all(work);
@@ -294,7 +291,7 @@ impl Jobs {
                 log.line(&format!("== failed: {reason}"));
                 self.store
                     .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
-                return Ok(Some(Step::Done(Err(reason))));
+                return Ok(Some(Step::failed(reason)));
             }
         };
         // The cached disk is shared and never written: a link costs nothing; a copy is
@@ -315,16 +312,12 @@ impl Jobs {
     pub(super) fn template_for(
         &self,
         ti: &TargetImage,
-    ) -> Result<Result<(TemplateFacts, model::tdl::Template), String>, StoreError> {
+    ) -> Result<Result<(TemplateFacts, model::tdl::Template), Missing>, StoreError> {
         let Some(build) = self.store.build(ti.build_id)? else {
-            return Ok(Err(
-                "the build this target image belongs to was deleted".into()
-            ));
+            return Ok(Err(Missing::Build));
         };
         let Some(image) = self.store.image(build.image_id)? else {
-            return Ok(Err(
-                "the image this target image belongs to was deleted".into()
-            ));
+            return Ok(Err(Missing::Image));
         };
         Ok(match model::tdl::parse(&image.template) {
             Ok(t) => Ok((
@@ -339,7 +332,7 @@ impl Jobs {
                 },
                 t,
             )),
-            Err(e) => Err(format!("the stored template is not valid: {e}")),
+            Err(e) => Err(Missing::Template(e)),
         })
     }
 }

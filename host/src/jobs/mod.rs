@@ -40,14 +40,59 @@ fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6))
 }
 
+/// How a job ended without doing its work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobEnd {
+    /// It failed, for the reason its record's `status_detail/error` gives.
+    #[error("{0}")]
+    Failed(String),
+    /// A push whose target image has no body to push.
+    #[error("the target image was not built")]
+    NotBuilt,
+    /// The server stopped first; the job stays stored and runs at the next start.
+    #[error("interrupted by the server shutting down")]
+    Interrupted,
+    /// A fault of the server's (a panic, a database error); the job stays stored.
+    #[error("the job crashed inside the server: {0}")]
+    Crashed(String),
+}
+
+/// What a job needs and no longer finds (rows deleted meanwhile, a plugin removed), in
+/// the words its record's `status_detail/error` gives.
+#[derive(Debug, thiserror::Error)]
+enum Missing {
+    #[error("the build this target image belongs to was deleted")]
+    Build,
+    #[error("the image this target image belongs to was deleted")]
+    Image,
+    #[error("the stored template is not valid: {0}")]
+    Template(model::tdl::TdlError),
+    #[error("its target image was deleted")]
+    TargetImage,
+    #[error("target image {0} has no built image")]
+    Body(Id),
+    #[error("provider {0} no longer exists")]
+    Provider(String),
+    #[error("account {0} no longer exists")]
+    Account(String),
+    #[error("no plugin for target '{0}' is loaded on this server")]
+    Plugin(String),
+}
+
 /// Where a job stands after one attempt.
 enum Step {
-    /// Finished; `Err` carries the reason it failed.
-    Done(Result<(), String>),
+    /// Finished, or failed and why.
+    Done(Result<(), JobEnd>),
     /// Try again after the pause.
     Retry(Duration),
     /// Stopped by the server shutting down: the job stays stored for the next start.
     Suspend,
+}
+
+impl Step {
+    fn failed(reason: impl Into<String>) -> Step {
+        Step::Done(Err(JobEnd::Failed(reason.into())))
+    }
 }
 
 /// Progress is written at most this often; the final report is always written.
@@ -425,7 +470,7 @@ impl Jobs {
 
     /// Runs a job whose row is already stored. The handle resolves when the job has
     /// finished, with the reason if it failed.
-    pub fn start(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<Result<(), String>> {
+    pub fn start(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<Result<(), JobEnd>> {
         let jobs = self.clone();
         tokio::spawn(async move { jobs.run(job).await })
     }
@@ -436,11 +481,7 @@ impl Jobs {
         let store = self.store.clone();
         let jobs = tokio::task::spawn_blocking(move || store.jobs())
             .await
-            .map_err(|e| StoreError::Corrupt {
-                table: "jobs",
-                key: "every row".into(),
-                reason: e.to_string(),
-            })??;
+            .map_err(|e| StoreError::Interrupted("jobs", e.to_string()))??;
         let count = jobs.len();
         for job in jobs {
             tracing::info!(job = %job.id, kind = ?job.kind, attempts = job.attempts, "resuming an interrupted job");
@@ -449,10 +490,10 @@ impl Jobs {
         Ok(count)
     }
 
-    async fn run(self: Arc<Self>, mut job: Job) -> Result<(), String> {
+    async fn run(self: Arc<Self>, mut job: Job) -> Result<(), JobEnd> {
         if job.kind == JobKind::Push && !self.wait_for_target_image(job.id).await {
             self.finish(job.id);
-            return Err("the target image was not built".into());
+            return Err(JobEnd::NotBuilt);
         }
         let started = Instant::now();
         let kind = format!("{:?}", job.kind).to_lowercase();
@@ -464,7 +505,7 @@ impl Jobs {
             let permit = self.permits.clone().acquire_owned().await;
             crate::metrics::add("conductor_jobs_waiting", &kind_label, -1.0);
             let Ok(permit) = permit else {
-                return Err("the server is shutting down".into());
+                return Err(JobEnd::Interrupted);
             };
             let jobs = self.clone();
             let id = job.id;
@@ -493,7 +534,7 @@ impl Jobs {
             drop(scoped);
             match outcome {
                 Ok(Ok((_, Step::Suspend))) => {
-                    return Err("interrupted by the server shutting down".into());
+                    return Err(JobEnd::Interrupted);
                 }
                 Ok(Ok((back, Step::Retry(pause)))) => {
                     job = back;
@@ -516,11 +557,11 @@ impl Jobs {
                 Ok(Err(e)) => {
                     // Left in the table: the next start tries again.
                     tracing::error!(job = %id, "job failed inside the server: {e}");
-                    return Err(e.to_string());
+                    return Err(JobEnd::Crashed(e.to_string()));
                 }
                 Err(e) => {
                     tracing::error!(job = %id, "job panicked: {e}");
-                    return Err("the job crashed inside the server".into());
+                    return Err(JobEnd::Crashed("it panicked".into()));
                 }
             }
         }
@@ -575,14 +616,14 @@ impl Jobs {
         let provider = self.store.provider(d.provider_id)?;
         let account = self.store.account(d.account_id)?;
         let (Some(provider), Some(account)) = (provider, account) else {
-            return Ok(Step::Done(Err(format!(
+            return Ok(Step::failed(format!(
                 "{} cannot be deleted from {}: its provider or account no longer exists",
                 d.target_identifier, d.provider_name
-            ))));
+            )));
         };
         let plugin = match self.plugin_for(&provider) {
             Ok(plugin) => plugin,
-            Err(e) => return Ok(Step::Done(Err(e.to_string()))),
+            Err(e) => return Ok(Step::failed(e.to_string())),
         };
         let context = self.call_context(format!("delete {}", d.target_identifier), &provider);
         let result = plugin.delete(
@@ -602,7 +643,7 @@ impl Jobs {
             }
             Err(e) => {
                 tracing::error!(provider = %d.provider_name, identifier = %d.target_identifier, "could not delete on the provider: {e}");
-                Step::Done(Err(e.to_string()))
+                Step::failed(e.to_string())
             }
         })
     }
@@ -828,7 +869,7 @@ fn on_plugin_error(
         }
         PluginError::Cancelled => {
             set(&|progress| progress.mark_cancelled())?;
-            Ok(Step::Done(Err("cancelled".into())))
+            Ok(Step::failed("cancelled"))
         }
         PluginError::Shutdown => {
             set(&suspended)?;
@@ -837,7 +878,7 @@ fn on_plugin_error(
         other => {
             let reason = describe(&other);
             set(&|progress| fail(progress, reason.clone()))?;
-            Ok(Step::Done(Err(reason)))
+            Ok(Step::failed(reason))
         }
     }
 }

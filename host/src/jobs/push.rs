@@ -21,14 +21,19 @@ impl Jobs {
             ("conductor.target-image".to_owned(), ti.id.to_string()),
             ("conductor.provider-image".to_owned(), pi.id.to_string()),
         ]);
-        if let Ok((facts, _)) = self.template_for(&ti)? {
-            parameters.extend([
+        match self.template_for(&ti)? {
+            Err(missing) => {
+                // The push goes on without the template's parameters; the plugin sees
+                // fewer settings, and the log says why.
+                tracing::warn!(target_image = %ti.id, "pushing without the template's parameters: {missing}");
+            }
+            Ok((facts, _)) => parameters.extend([
                 ("template.name".to_owned(), facts.name),
                 ("template.os-name".to_owned(), facts.os_name),
                 ("template.os-version".to_owned(), facts.os_version),
                 ("template.arch".to_owned(), facts.arch),
                 ("template.disk-size".to_owned(), facts.disk_size.to_string()),
-            ]);
+            ]),
         }
         if let Some(disk) = ti.disk.as_ref().filter(|d| !d.firmware.is_empty()) {
             let firmware: Vec<&str> = disk.firmware.iter().map(|f| f.as_str()).collect();
@@ -39,7 +44,7 @@ impl Jobs {
 
     pub(super) fn push(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
         let Some(pi) = self.store.provider_image(job.id)? else {
-            return Ok(Step::Done(Err("the provider image was deleted".into())));
+            return Ok(Step::failed("the provider image was deleted"));
         };
         if pi.progress.status.is_terminal() {
             return Ok(Step::Done(Ok(())));
@@ -47,7 +52,7 @@ impl Jobs {
         let failed = |reason: String| -> Result<Step, JobError> {
             self.store
                 .update_provider_image(pi.id, |pi| fail(&mut pi.progress, reason.clone()))?;
-            Ok(Step::Done(Err(reason)))
+            Ok(Step::failed(reason))
         };
         if job.attempts > MAX_ATTEMPTS {
             return failed(format!(
@@ -56,7 +61,7 @@ impl Jobs {
         }
         let (target, provider_id, plugin, image, name) = match self.push_target(&pi)? {
             Ok(found) => found,
-            Err(reason) => return failed(reason),
+            Err(missing) => return failed(missing.to_string()),
         };
         self.set_pi(pi.id, |pi| {
             pi.progress.status = Status::Pushing;
@@ -108,31 +113,22 @@ impl Jobs {
     fn push_target(
         &self,
         pi: &ProviderImage,
-    ) -> Result<Result<(Target, u64, Arc<plugins::Plugin>, PathBuf, String), String>, StoreError>
+    ) -> Result<Result<(Target, u64, Arc<plugins::Plugin>, PathBuf, String), Missing>, StoreError>
     {
         let Some(ti) = self.store.target_image(pi.target_image_id)? else {
-            return Ok(Err("its target image was deleted".into()));
+            return Ok(Err(Missing::TargetImage));
         };
         let Some(disk) = ti.disk.as_ref() else {
-            return Ok(Err(format!("target image {} has no built image", ti.id)));
+            return Ok(Err(Missing::Body(ti.id)));
         };
         let Some(provider) = self.store.provider(pi.provider_id)? else {
-            return Ok(Err(format!(
-                "provider {} no longer exists",
-                pi.provider_name
-            )));
+            return Ok(Err(Missing::Provider(pi.provider_name.clone())));
         };
         let Some(account) = self.store.account(pi.account_id)? else {
-            return Ok(Err(format!(
-                "account {} no longer exists",
-                pi.account_label
-            )));
+            return Ok(Err(Missing::Account(pi.account_label.clone())));
         };
         let Some(plugin) = self.plugins.get(&provider.target) else {
-            return Ok(Err(format!(
-                "no plugin for target '{}' is loaded on this server",
-                provider.target
-            )));
+            return Ok(Err(Missing::Plugin(provider.target.clone())));
         };
         let name = match self.store.build(ti.build_id)? {
             Some(build) => match self.store.image(build.image_id)? {

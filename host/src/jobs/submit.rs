@@ -127,7 +127,7 @@ impl Jobs {
         for (identifier, handle) in handles {
             let (status, error) = match tokio::time::timeout_at(deadline, handle).await {
                 Ok(Ok(Ok(()))) => ("DELETED", String::new()),
-                Ok(Ok(Err(reason))) => ("FAILED", reason),
+                Ok(Ok(Err(end))) => ("FAILED", end.to_string()),
                 Ok(Err(_)) => ("FAILED", "the delete crashed inside the server".to_owned()),
                 Err(_) => (
                     "DELETING",

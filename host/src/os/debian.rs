@@ -7,7 +7,7 @@
 //! under BIOS.
 
 use super::run::{Log, Step, StepError, run};
-use super::{Customization, InstallError, Progress, Settings};
+use super::{Customization, InstallError, Progress, Refusal, Settings};
 use crate::model::tdl::{Content, Template};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -87,21 +87,19 @@ pub fn release(template: &Template) -> Option<Release> {
 
 /// A repository's `<url>`: a mirror URL, optionally followed by its suite and
 /// components (`http://mirror/debian bookworm main contrib`). Returns the URL.
-pub fn repository_url(url: &str) -> Result<&str, String> {
+pub fn repository_url(url: &str) -> Result<&str, Refusal> {
     let first = url.split_whitespace().next().unwrap_or_default();
     if !(first.starts_with("http://") || first.starts_with("https://")) {
-        return Err(format!(
-            "repository url '{url}' must be an http(s) mirror URL, optionally followed by a suite and components"
-        ));
+        return Err(Refusal::RepositoryUrl(url.to_owned()));
     }
     if url.chars().any(|c| c.is_control()) {
-        return Err("a repository url may not hold control characters".into());
+        return Err(Refusal::ControlCharacters);
     }
     Ok(first)
 }
 
 /// Debian's rule for package names, so that a name can never be read as an option.
-pub fn package_name(name: &str) -> Result<(), String> {
+pub fn package_name(name: &str) -> Result<(), Refusal> {
     let mut chars = name.chars();
     let ok = chars
         .next()
@@ -112,20 +110,21 @@ pub fn package_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("'{name}' is not a Debian package name"))
+        Err(Refusal::PackageName {
+            name: name.to_owned(),
+            family: "Debian ",
+        })
     }
 }
 
 /// A file's path in the image: absolute, no `..`, no NUL.
-pub fn file_path(path: &str) -> Result<(), String> {
+pub fn file_path(path: &str) -> Result<(), Refusal> {
     if !path.starts_with('/')
         || path.ends_with('/')
         || path.split('/').any(|part| part == "..")
         || path.contains('\0')
     {
-        return Err(format!(
-            "file name '{path}' must be an absolute path to a file, without '..'"
-        ));
+        return Err(Refusal::FilePath(path.to_owned()));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@
 //! Never imports axum, redb or wasmtime.
 
 mod debian;
+mod refusal;
 pub mod run;
 pub mod sources;
 pub mod userns;
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+pub use refusal::Refusal;
 pub use run::Log;
 
 /// The percent of a build reached when its OS is installed; the plugin's part fills the
@@ -123,7 +125,7 @@ struct Customization {
 
 /// A package name any OS family's tools take as a name and never as an option: what a
 /// plugin may say its target needs. Each family checks its own rule when it installs.
-pub fn package_name(name: &str) -> Result<(), String> {
+pub fn package_name(name: &str) -> Result<(), Refusal> {
     let ok = name.len() >= 2
         && name.len() <= 128
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
@@ -133,7 +135,10 @@ pub fn package_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("'{name}', which is not a package name"))
+        Err(Refusal::PackageName {
+            name: name.to_owned(),
+            family: "",
+        })
     }
 }
 
@@ -271,7 +276,7 @@ impl Installer {
         &self,
         template: &Template,
         needed: &[(String, String)],
-    ) -> Result<Option<Plan>, String> {
+    ) -> Result<Option<Plan>, Refusal> {
         let Some(release) = debian::release(template) else {
             return Ok(None);
         };
@@ -280,10 +285,9 @@ impl Installer {
         }
         let content = &template.content;
         let Some(url) = content.install_url.as_deref() else {
-            return Err(format!(
-                "{} is installed from a package mirror: give it as <install type='url'><url>",
-                release.title()
-            ));
+            return Err(Refusal::NoInstallUrl {
+                os: release.title(),
+            });
         };
         self.allowed(url, "the install url")?;
         for repo in &content.repositories {
@@ -294,16 +298,23 @@ impl Installer {
             debian::package_name(name)?;
         }
         for (target, name) in needed {
-            debian::package_name(name).map_err(|e| format!("the {target} target needs {e}"))?;
+            debian::package_name(name).map_err(|e| match e {
+                Refusal::PackageName { name, family } => Refusal::TargetNeeds {
+                    target: target.clone(),
+                    name,
+                    family,
+                },
+                other => other,
+            })?;
         }
         let mut packages = content.packages.clone();
         packages.extend(needed.iter().map(|(_, name)| name.clone()));
-        let bodies = |what: &str, name: &str, body: &Body| match body {
+        let bodies = |what: &'static str, name: &str, body: &Body| match body {
             Body::Bytes(bytes) => Ok(bytes.clone()),
-            Body::Url(_) => Err(format!(
-                "{what} '{name}' is given by URL; this server does not fetch them: put its content \
-                 in the template (type raw or base64)"
-            )),
+            Body::Url(_) => Err(Refusal::ByUrl {
+                what,
+                name: name.to_owned(),
+            }),
         };
         let mut files = Vec::new();
         for file in &content.files {
@@ -318,12 +329,11 @@ impl Installer {
             ));
         }
         if template.disk_size < debian::MIN_DISK {
-            return Err(format!(
-                "{} needs a disk of at least {} GiB; the template's <disk><size> is {} bytes",
-                release.title(),
-                debian::MIN_DISK >> 30,
-                template.disk_size
-            ));
+            return Err(Refusal::DiskTooSmall {
+                os: release.title(),
+                minimum: debian::MIN_DISK,
+                size: template.disk_size,
+            });
         }
         Ok(Some(Plan {
             title: release.title(),
@@ -337,18 +347,20 @@ impl Installer {
         }))
     }
 
-    fn allowed(&self, url: &str, what: &str) -> Result<(), String> {
+    fn allowed(&self, url: &str, what: &str) -> Result<(), Refusal> {
         let url = with_slash(url);
         if self.mirrors.iter().any(|m| url.starts_with(m.as_str())) {
             return Ok(());
         }
+        let (what, url) = (what.to_owned(), url.to_owned());
         Err(if self.mirrors.is_empty() {
-            format!("{what} {url} is not a mirror this server installs from: it allows none")
+            Refusal::NoMirrorAllowed { what, url }
         } else {
-            format!(
-                "{what} {url} is not a mirror this server installs from; it allows {}",
-                self.mirrors.join(", ")
-            )
+            Refusal::MirrorNotAllowed {
+                what,
+                url,
+                allowed: self.mirrors.clone(),
+            }
         })
     }
 

@@ -23,9 +23,9 @@ fn link_problem(error: &wasmtime::Error) -> String {
 }
 
 /// A plugin's needs, checked: its packages go onto an apt or dnf command line.
-fn os_needs(needs: wit_target::OsNeeds) -> Result<OsNeeds, String> {
+fn os_needs(needs: wit_target::OsNeeds) -> Result<OsNeeds, crate::os::Refusal> {
     for name in &needs.packages {
-        crate::os::package_name(name).map_err(|e| format!("it needs {e}"))?;
+        crate::os::package_name(name)?;
     }
     let mut firmware = Vec::new();
     for f in needs.firmware {
@@ -377,7 +377,7 @@ impl Plugins {
                     .load(&mut store, &instance)
                     .and_then(|t| t.conductor_provider_target().call_needs(&mut store))
                     .map_err(|e| called(e, &store))?;
-                os_needs(needs).map_err(invalid)?
+                os_needs(needs).map_err(|e| invalid(format!("its needs are refused: {e}")))?
             }
         };
         if info.target.is_empty()
@@ -579,7 +579,7 @@ mod version_tests {
             [Firmware::Bios]
         );
         for bad in ["-y", "a b", "x;rm", "", "é1"] {
-            let e = os_needs(needs(&[bad])).expect_err(bad);
+            let e = os_needs(needs(&[bad])).expect_err(bad).to_string();
             assert!(e.contains("not a package name"), "{e}");
         }
     }

@@ -340,11 +340,13 @@ fn a_row_with_bytes_left_over_or_of_an_unknown_version_is_refused() {
     assert!(
         Hook::decode(&row)
             .expect_err("left over")
+            .to_string()
             .contains("left over")
     );
     assert!(
         Hook::decode(&[9, 1, 2])
             .expect_err("version 9")
+            .to_string()
             .contains("row version 9 is unknown")
     );
     assert!(Hook::decode(&[]).is_err());

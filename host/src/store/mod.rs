@@ -10,6 +10,7 @@ mod tables;
 mod tenants;
 
 pub use images::Reader;
+pub use rows::RowError;
 
 use crate::model::{
     Account, Build, Deletion, Environment, Hook, Id, Image, Job, JobKind, Provider, ProviderImage,
@@ -37,8 +38,12 @@ pub enum StoreError {
     Corrupt {
         table: &'static str,
         key: String,
-        reason: String,
+        reason: Unreadable,
     },
+    /// The blocking task that read the rows did not finish (it panicked, or the runtime
+    /// is shutting down).
+    #[error("reading the stored {0} was interrupted: {1}")]
+    Interrupted(&'static str, String),
     #[error(
         "the data directory holds schema version {found}, but this server reads version {SCHEMA_VERSION}; \
          run the conductor release that wrote it, or restore a backup made for this one"
@@ -72,12 +77,25 @@ redb_errors!(
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// Why a stored row is unreadable.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error(transparent)]
+    Row(#[from] rows::RowError),
+    #[error("credentials could not be sealed")]
+    Unsealable,
+    #[error("sealed credentials are too short")]
+    SealTooShort,
+    #[error("credentials do not open with this server's key (was the key file replaced?)")]
+    WrongKey,
+}
+
 /// Decodes one stored row, naming its table and key when it cannot be read.
 fn decode<T: Row>(key: &dyn std::fmt::Debug, bytes: &[u8]) -> Result<T> {
     T::decode(bytes).map_err(|reason| StoreError::Corrupt {
         table: T::TABLE,
         key: format!("{key:?}"),
-        reason,
+        reason: reason.into(),
     })
 }
 
@@ -297,7 +315,7 @@ impl Store {
             .map_err(|_| StoreError::Corrupt {
                 table: SealedAccount::TABLE,
                 key: account.id.to_string(),
-                reason: "credentials could not be sealed".into(),
+                reason: Unreadable::Unsealable,
             })?;
         let mut sealed_credentials = nonce_bytes.to_vec();
         sealed_credentials.extend(sealed);
@@ -313,24 +331,21 @@ impl Store {
     }
 
     fn open_row(&self, row: SealedAccount) -> Result<Account> {
-        let corrupt = |reason: &str| StoreError::Corrupt {
+        let corrupt = |reason: Unreadable| StoreError::Corrupt {
             table: SealedAccount::TABLE,
             key: row.id.to_string(),
-            reason: reason.into(),
+            reason,
         };
         if row.sealed_credentials.len() < 12 {
-            return Err(corrupt("sealed credentials are too short"));
+            return Err(corrupt(Unreadable::SealTooShort));
         }
         let (nonce, sealed) = row.sealed_credentials.split_at(12);
         let plain = self
             .cipher
             .decrypt(Nonce::from_slice(nonce), sealed)
-            .map_err(|_| {
-                corrupt(
-                    "credentials do not open with this server's key (was the key file replaced?)",
-                )
-            })?;
-        let credentials = rows::credentials_from_bytes(&plain).map_err(|e| corrupt(&e))?;
+            .map_err(|_| corrupt(Unreadable::WrongKey))?;
+        let credentials =
+            rows::credentials_from_bytes(&plain).map_err(|e| corrupt(Unreadable::Row(e)))?;
         Ok(Account {
             id: row.id,
             label: row.label,
@@ -363,11 +378,7 @@ mod tests {
     use super::*;
 
     fn temp_dir() -> Result<tempfile::TempDir> {
-        tempfile::tempdir().map_err(|e| StoreError::Corrupt {
-            table: "test",
-            key: String::new(),
-            reason: e.to_string(),
-        })
+        Ok(tempfile::tempdir().expect("a temporary directory"))
     }
 
     #[test]

@@ -28,7 +28,27 @@ pub(super) trait Row: Sized {
     const VERSION: u8;
     fn encode(&self) -> Vec<u8>;
     /// Reads a row of any version this release knows; the error says why not.
-    fn decode(bytes: &[u8]) -> Result<Self, String>;
+    fn decode(bytes: &[u8]) -> Result<Self, RowError>;
+}
+
+/// Why a stored row cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("empty row")]
+    Empty,
+    #[error(
+        "row version {version} is unknown to this server (it reads {table} rows up to version \
+         {known}); a newer release wrote it"
+    )]
+    UnknownVersion {
+        table: &'static str,
+        version: u8,
+        known: u8,
+    },
+    #[error("{0}")]
+    Layout(#[from] postcard::Error),
+    #[error("{0} bytes left over after the row: it was written in another layout")]
+    LeftOver(usize),
 }
 
 /// The version byte, then the row type's postcard encoding.
@@ -40,32 +60,30 @@ fn versioned<R: Serialize>(version: u8, row: &R) -> Vec<u8> {
 }
 
 /// Splits off the version byte.
-fn version_of(bytes: &[u8]) -> Result<(u8, &[u8]), String> {
+fn version_of(bytes: &[u8]) -> Result<(u8, &[u8]), RowError> {
     match bytes.split_first() {
         Some((version, rest)) => Ok((*version, rest)),
-        None => Err("empty row".into()),
+        None => Err(RowError::Empty),
     }
 }
 
 /// Decodes a whole row: bytes left over mean the row was not written as this type, and
 /// reading it anyway would misread it.
-fn exactly<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, String> {
-    let (row, rest) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+fn exactly<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, RowError> {
+    let (row, rest) = postcard::take_from_bytes(bytes)?;
     if rest.is_empty() {
         Ok(row)
     } else {
-        Err(format!(
-            "{} bytes left over after the row: it was written in another layout",
-            rest.len()
-        ))
+        Err(RowError::LeftOver(rest.len()))
     }
 }
 
-fn unknown_version(table: &str, version: u8, known: u8) -> String {
-    format!(
-        "row version {version} is unknown to this server (it reads {table} rows up to version \
-         {known}); a newer release wrote it"
-    )
+fn unknown_version(table: &'static str, version: u8, known: u8) -> RowError {
+    RowError::UnknownVersion {
+        table,
+        version,
+        known,
+    }
 }
 
 /// Implements [`Row`] for a model type whose table has one version so far.
@@ -77,7 +95,7 @@ macro_rules! one_version {
             fn encode(&self) -> Vec<u8> {
                 versioned(Self::VERSION, &<$v1>::from(self))
             }
-            fn decode(bytes: &[u8]) -> Result<Self, String> {
+            fn decode(bytes: &[u8]) -> Result<Self, RowError> {
                 match version_of(bytes)? {
                     (1, rest) => Ok(exactly::<$v1>(rest)?.into()),
                     (version, _) => Err(unknown_version($table, version, 1)),
@@ -389,7 +407,7 @@ pub(super) fn credentials_to_bytes(credentials: &[(String, String)]) -> Vec<u8> 
     postcard::to_stdvec(credentials).unwrap_or_default()
 }
 
-pub(super) fn credentials_from_bytes(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub(super) fn credentials_from_bytes(bytes: &[u8]) -> Result<Vec<(String, String)>, RowError> {
     exactly(bytes)
 }
 
@@ -630,7 +648,7 @@ impl Row for TargetImage {
     fn encode(&self) -> Vec<u8> {
         versioned(Self::VERSION, &TargetImageV2::from(self))
     }
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
+    fn decode(bytes: &[u8]) -> Result<Self, RowError> {
         match version_of(bytes)? {
             (1, rest) => Ok(exactly::<TargetImageV1>(rest)?.into()),
             (2, rest) => Ok(exactly::<TargetImageV2>(rest)?.into()),

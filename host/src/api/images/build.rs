@@ -74,7 +74,8 @@ pub(super) async fn build(
                 import_dir: state.import_dir.as_deref(),
                 policy: &state.fetch,
             };
-            crate::blobs::check_base_url(&url, &source).map_err(ApiError::Incorrect)?;
+            crate::blobs::check_base_url(&url, &source)
+                .map_err(|refusal| ApiError::Incorrect(refusal.to_string()))?;
             Ok(BaseImage { url, digest: None })
         })
         .transpose()?;
@@ -202,7 +203,7 @@ fn check_install(
     let refuse = |reason: String| ApiError::Incorrect(reason);
     let plan = installer
         .plan(template, &plugins.needed_packages(targets))
-        .map_err(refuse)?;
+        .map_err(|refusal| refuse(refusal.to_string()))?;
     for target in targets {
         let Some(plugin) = plugins.get(target) else {
             continue;
