@@ -12,6 +12,7 @@ pub mod hooks;
 mod images;
 pub mod json;
 mod page;
+mod pool_families;
 mod provider_images;
 mod providers;
 mod quotas;
@@ -298,23 +299,23 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/api/pool_families",
-            get(environments::list_families).post(environments::create_family),
+            get(pool_families::list_families).post(pool_families::create_family),
         )
         .route(
             "/api/pool_families/{id}",
-            get(environments::show_family)
-                .put(environments::update_family)
-                .delete(environments::delete_family),
+            get(pool_families::show_family)
+                .put(pool_families::update_family)
+                .delete(pool_families::delete_family),
         )
         .route(
             "/api/pool_families/{id}/provider_accounts",
-            get(environments::list_members),
+            get(pool_families::list_members),
         )
         .route(
             "/api/pool_families/{id}/provider_accounts/{account}",
-            get(environments::show_member)
-                .put(environments::add_member)
-                .delete(environments::remove_member),
+            get(pool_families::show_member)
+                .put(pool_families::add_member)
+                .delete(pool_families::remove_member),
         )
         .route(
             "/api/{*rest}",

@@ -6,9 +6,15 @@
 //! on the blocking pool; the async side only waits for a permit.
 
 mod build;
+mod calls;
+mod limits;
 mod push;
 mod submit;
 
+pub use limits::Concurrency;
+
+use calls::{ProviderState, target_of};
+use limits::Gates;
 pub use push::{PushPlan, PushPlanError, plan_push};
 pub use submit::DeleteOutcome;
 
@@ -136,84 +142,6 @@ impl Paths {
     }
 }
 
-/// How many jobs run at once: in all, per target (image builds are heavy; Image
-/// Factory serialised them for the same reason) and per environment (the fair share, so
-/// one team cannot take every worker). Zero means no limit for the last two.
-#[derive(Debug, Clone, Copy)]
-pub struct Concurrency {
-    pub workers: usize,
-    pub per_target: usize,
-    pub per_environment: usize,
-}
-
-impl Concurrency {
-    /// The fair share when none is set: every worker but one, so that however many jobs
-    /// one environment queues, another environment's job finds a worker free.
-    pub fn fair_share(workers: usize) -> usize {
-        workers.saturating_sub(1).max(1)
-    }
-}
-
-/// What limits a job: its target, its environment and that environment's quota.
-struct Scope {
-    target: Option<String>,
-    environment: Option<u64>,
-    quota: Option<u64>,
-}
-
-/// Counts of running jobs per scope (`target/build/mock`, `environment/3`), with the
-/// limit given by each job as it enters, so that a limit changed while jobs run (a
-/// quota) applies to the next job without rebuilding anything.
-#[derive(Default)]
-struct Gates {
-    running: Mutex<HashMap<String, usize>>,
-    /// Woken whenever a job leaves a scope.
-    left: tokio::sync::Notify,
-}
-
-/// A job's place in one scope, given back when dropped.
-struct Pass {
-    gates: Arc<Gates>,
-    key: String,
-}
-
-impl Drop for Pass {
-    fn drop(&mut self) {
-        if let Some(count) = lock(&self.gates.running).get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-        }
-        self.gates.left.notify_waiters();
-    }
-}
-
-impl Gates {
-    fn try_enter(self: &Arc<Self>, key: &str, limit: usize) -> Option<Pass> {
-        let mut running = lock(&self.running);
-        let count = running.entry(key.to_owned()).or_insert(0);
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(Pass {
-            gates: self.clone(),
-            key: key.to_owned(),
-        })
-    }
-
-    async fn enter(self: &Arc<Self>, key: String, limit: usize) -> Pass {
-        loop {
-            // Registered before the look, so a job leaving in between still wakes us.
-            let left = self.left.notified();
-            tokio::pin!(left);
-            left.as_mut().enable();
-            if let Some(pass) = self.try_enter(&key, limit) {
-                return pass;
-            }
-            left.await;
-        }
-    }
-}
-
 /// A status change or progress report of a target image or provider image, for
 /// listeners such as webhooks. It carries the record as written, so a listener that
 /// runs later still reports each state in order rather than whatever is current.
@@ -315,129 +243,6 @@ impl Jobs {
         while !lock(&self.running).is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    /// The target and environment a job works for, and the environment's own limit of
-    /// running jobs, for the per-scope limits.
-    fn scope(&self, job: &Job) -> Result<Scope, StoreError> {
-        let environment_of_build = |build: Id| -> Result<Option<u64>, StoreError> {
-            Ok(match self.store.build(build)? {
-                Some(b) => self.store.image(b.image_id)?.map(|i| i.environment_id),
-                None => None,
-            })
-        };
-        let (target, environment) = match job.kind {
-            JobKind::Build => match self.store.target_image(job.id)? {
-                Some(ti) => (Some(ti.target.clone()), environment_of_build(ti.build_id)?),
-                None => (None, None),
-            },
-            JobKind::Push => match self.store.provider_image(job.id)? {
-                Some(pi) => {
-                    let target = self.store.provider(pi.provider_id)?.map(|p| p.target);
-                    let env = match self.store.target_image(pi.target_image_id)? {
-                        Some(ti) => environment_of_build(ti.build_id)?,
-                        None => None,
-                    };
-                    (target, env)
-                }
-                None => (None, None),
-            },
-            JobKind::Delete => {
-                let target = match &job.deletion {
-                    Some(d) => self.store.provider(d.provider_id)?.map(|p| p.target),
-                    None => None,
-                };
-                (target, None)
-            }
-        };
-        let quota = match environment {
-            Some(env) => self.store.quota(env)?.running_jobs,
-            None => None,
-        };
-        Ok(Scope {
-            target,
-            environment,
-            quota,
-        })
-    }
-
-    /// Waits until the job's target and environment have room, saying on the record what
-    /// it waits for. An environment's room is the smaller of the server's fair share
-    /// (`--max-per-environment`) and the environment's quota of running jobs.
-    async fn scoped_permits(self: &Arc<Self>, job: &Job) -> Vec<Pass> {
-        let mut passes = Vec::new();
-        let jobs = self.clone();
-        let lookup = job.clone();
-        let scope = match tokio::task::spawn_blocking(move || jobs.scope(&lookup)).await {
-            Ok(Ok(scope)) => scope,
-            Ok(Err(e)) => {
-                tracing::error!(job = %job.id, "the limits of a job could not be read: {e}");
-                return passes;
-            }
-            Err(_) => return passes,
-        };
-        let per_target = self.concurrency.per_target;
-        let mut scopes = Vec::new();
-        if let (Some(target), true) = (scope.target, per_target > 0) {
-            let kind = if job.kind == JobKind::Build {
-                "build"
-            } else {
-                "push"
-            };
-            scopes.push((
-                format!("target/{kind}/{target}"),
-                per_target,
-                format!("waiting: at most {per_target} {kind}(s) for target {target} run at once"),
-            ));
-        }
-        if let Some(env) = scope.environment {
-            let share = self.concurrency.per_environment;
-            let quota = scope
-                .quota
-                .map(|q| usize::try_from(q).unwrap_or(usize::MAX));
-            let limit = match (share, quota) {
-                (0, quota) => quota,
-                (share, None) => Some(share),
-                (share, Some(quota)) => Some(share.min(quota)),
-            };
-            if let Some(limit) = limit {
-                scopes.push((
-                    format!("environment/{env}"),
-                    limit,
-                    format!("waiting: at most {limit} job(s) of this environment run at once"),
-                ));
-            }
-        }
-        for (key, limit, waiting) in scopes {
-            let pass = match self.gates.try_enter(&key, limit) {
-                Some(pass) => pass,
-                None => {
-                    self.note_waiting(job, waiting).await;
-                    self.gates.enter(key, limit).await
-                }
-            };
-            passes.push(pass);
-        }
-        passes
-    }
-
-    async fn note_waiting(self: &Arc<Self>, job: &Job, activity: String) {
-        let jobs = self.clone();
-        let (id, kind) = (job.id, job.kind);
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = match kind {
-                JobKind::Build => jobs
-                    .store
-                    .update_target_image(id, |ti| ti.progress.activity = activity)
-                    .map(|_| ()),
-                JobKind::Push => jobs
-                    .store
-                    .update_provider_image(id, |pi| pi.progress.activity = activity)
-                    .map(|_| ()),
-                JobKind::Delete => Ok(()),
-            };
-        })
-        .await;
     }
 
     pub fn blobs(&self) -> &Blobs {
@@ -564,47 +369,6 @@ impl Jobs {
                     return Err(JobEnd::Crashed("it panicked".into()));
                 }
             }
-        }
-    }
-
-    /// Asks the provider's plugin whether the account's credentials work.
-    /// Blocking: it runs the plugin.
-    pub fn check_account(&self, provider: &Provider, account: &Account) -> Result<(), PluginError> {
-        let plugin = self.plugin_for(provider)?;
-        let context = self.call_context(format!("check account {}", account.label), provider);
-        plugin.check_account(context, &target_of(provider, account))
-    }
-
-    /// Looks an existing image up on the provider, for import. Blocking.
-    pub fn lookup(
-        &self,
-        provider: &Provider,
-        account: &Account,
-        identifier: &str,
-    ) -> Result<ImageDetails, PluginError> {
-        let plugin = self.plugin_for(provider)?;
-        let context = self.call_context(format!("lookup {identifier}"), provider);
-        plugin.lookup(context, &target_of(provider, account), identifier)
-    }
-
-    fn plugin_for(&self, provider: &Provider) -> Result<Arc<plugins::Plugin>, PluginError> {
-        self.plugins.get(&provider.target).ok_or_else(|| {
-            PluginError::Failed(format!(
-                "no plugin for target '{}' is loaded on this server",
-                provider.target
-            ))
-        })
-    }
-
-    fn call_context(&self, label: String, provider: &Provider) -> CallContext {
-        CallContext {
-            label,
-            progress: Box::new(|_, _| {}),
-            state: Some(Box::new(ProviderState {
-                store: self.store.clone(),
-                provider: provider.id,
-            })),
-            stop: Stop::new(),
         }
     }
 
@@ -736,116 +500,6 @@ impl Jobs {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-
-    /// A progress sink that writes the plugin's reports into the record, at most every
-    /// [`PROGRESS_EVERY`] unless the report is the first to reach 100 %. Only that one
-    /// passes early: a plugin repeating 100 % in a loop is held to the pace like any
-    /// other, so no plugin can turn its reports into a stream of writes.
-    fn progress_context(&self, id: Id, kind: JobKind) -> CallContext {
-        self.progress_context_from(id, kind, 0, PROGRESS_EVERY)
-    }
-
-    /// A call context whose progress reports fill the percent from `floor` to 100.
-    /// Reports closer together than `every` are dropped (a plugin may report thousands).
-    fn progress_context_from(
-        &self,
-        id: Id,
-        kind: JobKind,
-        floor: u8,
-        every: Duration,
-    ) -> CallContext {
-        let store = self.store.clone();
-        let changes = self.changes.clone();
-        let mut last: Option<(Instant, u8)> = None;
-        let progress = Box::new(move |percent: u8, activity: &str| {
-            let percent =
-                floor + (u16::from(percent.min(100)) * u16::from(100 - floor.min(100)) / 100) as u8;
-            if let Some((at, written)) = last
-                && at.elapsed() < every
-                && (percent < 100 || written == 100)
-            {
-                return;
-            }
-            last = Some((Instant::now(), percent));
-            let activity = activity.to_owned();
-            let result = match kind {
-                JobKind::Build => store
-                    .update_target_image(id, |ti| {
-                        if !ti.progress.status.is_terminal() {
-                            ti.progress.percent = percent;
-                            ti.progress.activity = activity;
-                        }
-                    })
-                    .map(|ti| ti.map(|ti| Change::TargetImage(Box::new(ti)))),
-                JobKind::Push | JobKind::Delete => store
-                    .update_provider_image(id, |pi| {
-                        if !pi.progress.status.is_terminal() {
-                            pi.progress.percent = percent;
-                            pi.progress.activity = activity;
-                        }
-                    })
-                    .map(|pi| pi.map(|pi| Change::ProviderImage(Box::new(pi)))),
-            };
-            match result {
-                Ok(Some(change)) => {
-                    let _ = changes.send(change);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(job = %id, "could not record progress: {e}"),
-            }
-        });
-        CallContext {
-            label: id.to_string(),
-            progress,
-            state: None,
-            stop: Stop::new(),
-        }
-    }
-}
-
-fn target_of(provider: &Provider, account: &Account) -> Target {
-    Target {
-        provider_name: provider.name.clone(),
-        settings: provider.settings.clone(),
-        account_name: account.label.clone(),
-        credentials: account.credentials.clone(),
-    }
-}
-
-/// A provider's plugin state, kept in redb.
-struct ProviderState {
-    store: Arc<Store>,
-    provider: u64,
-}
-
-impl StateStore for ProviderState {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        self.store
-            .plugin_state_get(self.provider, key)
-            .map_err(state_error)
-    }
-
-    fn set(&self, key: &str, value: &[u8], max_keys: usize) -> Result<bool, StateError> {
-        self.store
-            .plugin_state_set(self.provider, key, value, max_keys)
-            .map_err(state_error)
-    }
-
-    fn delete(&self, key: &str) -> Result<(), StateError> {
-        self.store
-            .plugin_state_delete(self.provider, key)
-            .map_err(state_error)
-    }
-
-    fn keys(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
-        self.store
-            .plugin_state_keys(self.provider, prefix, limit)
-            .map_err(state_error)
-    }
-}
-
-fn state_error(e: StoreError) -> StateError {
-    StateError(Box::new(e))
 }
 
 /// What a build or push does when its plugin call failed: a passing failure is retried
