@@ -348,14 +348,26 @@ async fn run() -> anyhow::Result<()> {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONDUCTOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // A CONDUCTOR_LOG that is set but cannot be read is said once logging works.
+    let mut unread_filter = None;
+    let filter = match std::env::var("CONDUCTOR_LOG") {
+        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            unread_filter = Some(format!(
+                "CONDUCTOR_LOG={text} is not a filter ({e}); logging at {default_filter}"
+            ));
+            tracing_subscriber::EnvFilter::new(default_filter)
+        }),
+        Err(_) => tracing_subscriber::EnvFilter::new(default_filter),
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
+    }
+    if let Some(problem) = unread_filter {
+        tracing::warn!("{problem}");
     }
     let client = match cli.command {
         Command::Image(command) => conductor::client::image(&cli.connection, command).await,

@@ -253,7 +253,11 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
 
 async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            // Without a handler, Ctrl-C would end the server at once: wait for SIGTERM.
+            tracing::warn!("Ctrl-C cannot be caught ({e}); stop the server with SIGTERM");
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {
@@ -261,7 +265,12 @@ async fn shutdown_signal() {
             Ok(mut signal) => {
                 signal.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            Err(e) => {
+                tracing::warn!(
+                    "SIGTERM cannot be caught ({e}): it ends the server without a drain"
+                );
+                std::future::pending::<()>().await
+            }
         }
     };
     tokio::select! {

@@ -69,26 +69,31 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
 /// left scattered about the allocator's arenas, and a flood of checks grew the process
 /// by hundreds of MiB although only a few ran at once.
 fn verify_password(memory: &mut Vec<Block>, hash: &str, password: &str) -> bool {
+    // A stored hash this server cannot read would look like a wrong password: say so.
+    let unreadable = |why: &str| {
+        tracing::warn!("a stored password hash cannot be checked: {why}");
+        false
+    };
     let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
+        return unreadable("it is not a PHC string");
     };
     let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
-        return false;
+        return unreadable("it has no salt or no hash");
     };
     let (Ok(algorithm), Ok(params)) = (
         Algorithm::try_from(parsed.algorithm),
         Params::try_from(&parsed),
     ) else {
-        return false;
+        return unreadable("its algorithm or parameters are unknown");
     };
     let version = match parsed.version.map(Version::try_from) {
         None => Version::default(),
         Some(Ok(version)) => version,
-        Some(Err(_)) => return false,
+        Some(Err(_)) => return unreadable("its argon2 version is unknown"),
     };
     let mut salt_bytes = [0u8; 64];
     let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
-        return false;
+        return unreadable("its salt is not base64");
     };
     let argon2 = Argon2::new(algorithm, version, params);
     let blocks = argon2.params().block_count();

@@ -271,6 +271,7 @@ async fn follow(client: &Client, kind: &str, ids: &[String]) -> anyhow::Result<(
     // Builds: the build log's milestones ("== …" stages, "= …" steps with their time,
     // "E: …" errors) are printed above the bars as they come; `image log` has it all.
     let mut logs: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut unfollowed = std::collections::BTreeSet::new();
     while ended.len() < ids.len() {
         for id in ids {
             if ended.contains_key(id) {
@@ -279,7 +280,16 @@ async fn follow(client: &Client, kind: &str, ids: &[String]) -> anyhow::Result<(
             let tail = &id[id.len().saturating_sub(6)..];
             if kind == "target_images" {
                 let (offset, partial) = logs.entry(id.clone()).or_default();
-                if let Ok((text, next, _)) = client.log(id, *offset).await {
+                let fetched = match unfollowed.contains(id) {
+                    true => None,
+                    false => Some(client.log(id, *offset).await),
+                };
+                if let Some(Err(e)) = &fetched {
+                    // Milestones are a help, not the point: say once why they stop.
+                    eprintln!("conductor: the build log of {id} cannot be followed: {e}");
+                    unfollowed.insert(id.clone());
+                }
+                if let Some(Ok((text, next, _))) = fetched {
                     *offset = next;
                     partial.push_str(&text);
                     while let Some(end) = partial.find('\n') {

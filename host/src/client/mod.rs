@@ -291,13 +291,19 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let next = header("x-log-offset").and_then(|v| v.parse().ok());
+        let next = header("x-log-offset").and_then(|v| v.parse::<u64>().ok());
         let complete = header("x-log-complete").as_deref() == Some("true");
         let text = response.text().await?;
         if status >= 400 {
             bail!("{}", error_text(status, &text));
         }
-        Ok((text, next.unwrap_or(offset), complete))
+        // Without the offset to go on from, following would print the same part again.
+        let Some(next) = next else {
+            bail!(
+                "the server's answer has no X-Log-Offset header: it does not serve logs in parts"
+            );
+        };
+        Ok((text, next, complete))
     }
 
     /// Sends a request; answers the status and body, JSON unless `--output xml`.
@@ -355,11 +361,10 @@ impl Client {
                 Ok(None)
             }
             Output::Json => {
-                let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                println!("{}", serde_json::to_string_pretty(&json_answer(&text)?)?);
                 Ok(None)
             }
-            Output::Table => Ok(Some(serde_json::from_str(&text).unwrap_or(Value::Null))),
+            Output::Table => Ok(Some(json_answer(&text)?)),
         }
     }
 
@@ -378,6 +383,18 @@ impl Client {
 }
 
 /// The server's code and message from an error answer, in JSON or XML, or the status.
+/// An answer's JSON: an empty body is null, anything else must be JSON (a proxy's HTML
+/// page is reported, not shown as an empty table).
+fn json_answer(text: &str) -> anyhow::Result<Value> {
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text).with_context(|| {
+        let start: String = text.chars().take(200).collect();
+        format!("the server's answer is not JSON: {start}")
+    })
+}
+
 fn error_text(status: u16, body: &str) -> String {
     if let Ok(value) = serde_json::from_str::<Value>(body) {
         if let Some(error) = value.get("error") {

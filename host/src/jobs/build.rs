@@ -106,9 +106,12 @@ impl Jobs {
                     }
                     last = Instant::now();
                     let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-                    let _ = store.update_target_image(id, |ti| {
+                    let written = store.update_target_image(id, |ti| {
                         ti.progress.activity = format!("fetching the base image: {done}{of} bytes");
                     });
+                    if let Err(e) = written {
+                        tracing::warn!(job = %id, "could not record progress: {e}");
+                    }
                 };
                 let source = blobs::BaseSource {
                     import_dir: self.import_dir.as_deref(),

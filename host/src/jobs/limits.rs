@@ -140,7 +140,10 @@ impl Jobs {
                 tracing::error!(job = %job.id, "the limits of a job could not be read: {e}");
                 return passes;
             }
-            Err(_) => return passes,
+            Err(e) => {
+                tracing::error!(job = %job.id, "reading the limits of a job crashed: {e}");
+                return passes;
+            }
         };
         let per_target = self.concurrency.per_target;
         let mut scopes = Vec::new();
@@ -190,19 +193,22 @@ impl Jobs {
     pub(super) async fn note_waiting(self: &Arc<Self>, job: &Job, activity: String) {
         let jobs = self.clone();
         let (id, kind) = (job.id, job.kind);
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = match kind {
-                JobKind::Build => jobs
-                    .store
-                    .update_target_image(id, |ti| ti.progress.activity = activity)
-                    .map(|_| ()),
-                JobKind::Push => jobs
-                    .store
-                    .update_provider_image(id, |pi| pi.progress.activity = activity)
-                    .map(|_| ()),
-                JobKind::Delete => Ok(()),
-            };
+        let written = tokio::task::spawn_blocking(move || match kind {
+            JobKind::Build => jobs
+                .store
+                .update_target_image(id, |ti| ti.progress.activity = activity)
+                .map(|_| ()),
+            JobKind::Push => jobs
+                .store
+                .update_provider_image(id, |pi| pi.progress.activity = activity)
+                .map(|_| ()),
+            JobKind::Delete => Ok(()),
         })
         .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(job = %id, "could not record what the job waits for: {e}"),
+            Err(e) => tracing::warn!(job = %id, "recording what the job waits for crashed: {e}"),
+        }
     }
 }

@@ -257,10 +257,15 @@ impl Jobs {
             .iter()
             .map(|ti| format!("{}.log", ti.id))
             .collect();
-        if let Ok(logs) = std::fs::read_dir(&self.paths.logs) {
-            for log in logs.flatten() {
-                if !kept.contains(log.file_name().to_string_lossy().as_ref()) {
-                    let _ = std::fs::remove_file(log.path());
+        match std::fs::read_dir(&self.paths.logs) {
+            Err(e) => {
+                tracing::warn!(dir = %self.paths.logs.display(), "build logs cannot be pruned: {e}")
+            }
+            Ok(logs) => {
+                for log in logs.flatten() {
+                    if !kept.contains(log.file_name().to_string_lossy().as_ref()) {
+                        let _ = std::fs::remove_file(log.path());
+                    }
                 }
             }
         }
@@ -465,7 +470,10 @@ impl Jobs {
                     tracing::error!(job = %push_id, "{e}");
                     return false;
                 }
-                Err(_) => return false,
+                Err(e) => {
+                    tracing::error!(job = %push_id, "looking the push up crashed: {e}");
+                    return false;
+                }
             };
             if pi.progress.status.is_terminal() {
                 return true;
@@ -492,7 +500,15 @@ impl Jobs {
             });
             let failed = match update.await {
                 Ok(Ok(Some(pi))) => pi.progress.status.is_terminal(),
-                _ => true,
+                Ok(Ok(None)) => true,
+                Ok(Err(e)) => {
+                    tracing::error!(job = %push_id, "recording that the push waits: {e}");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(job = %push_id, "recording that the push waits crashed: {e}");
+                    true
+                }
             };
             if failed {
                 return false;

@@ -467,8 +467,12 @@ impl Installer {
     fn collect(&self, log: &Log) {
         let mut entries = Vec::new();
         for sub in ["trees", "disks"] {
-            let Ok(dir) = std::fs::read_dir(self.dir.join(sub)) else {
-                continue;
+            let dir = match std::fs::read_dir(self.dir.join(sub)) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.join(sub).display(), "the OS cache cannot be trimmed: {e}");
+                    continue;
+                }
             };
             for entry in dir.flatten() {
                 let path = entry.path();

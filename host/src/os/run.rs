@@ -66,6 +66,8 @@ struct LogInner {
     tail: std::collections::VecDeque<String>,
     /// Called with each line as it arrives, to turn a program's output into progress.
     watcher: Option<Watcher>,
+    /// Whether a line could not be written (said once in the server's log).
+    lost_lines: bool,
 }
 
 impl Log {
@@ -80,6 +82,7 @@ impl Log {
                 file,
                 tail: Default::default(),
                 watcher: None,
+                lost_lines: false,
             })),
         })
     }
@@ -104,8 +107,14 @@ impl Log {
             line.push_str(" …");
         }
         let mut inner = self.lock();
-        // A log that cannot be written loses lines, never the build.
-        let _ = writeln!(inner.file, "{line}");
+        // A log that cannot be written loses lines, never the build; the server's log
+        // says so once.
+        if let Err(e) = writeln!(inner.file, "{line}")
+            && !inner.lost_lines
+        {
+            inner.lost_lines = true;
+            tracing::warn!("a build log loses lines: {e}");
+        }
         if let Some(watcher) = inner.watcher.as_mut() {
             watcher(&line);
         }
@@ -199,11 +208,15 @@ pub fn run(
             let mut reader = BufReader::new(output);
             let mut buffer = Vec::new();
             // Lines are read as bytes: a program's output need not be UTF-8.
-            while let Ok(n) = reader.read_until(b'\n', &mut buffer) {
-                if n == 0 {
-                    break;
+            loop {
+                match reader.read_until(b'\n', &mut buffer) {
+                    Ok(0) => break,
+                    Ok(_) => log.line(&String::from_utf8_lossy(&buffer)),
+                    Err(e) => {
+                        log.line(&format!("(the rest of this output could not be read: {e})"));
+                        break;
+                    }
                 }
-                log.line(&String::from_utf8_lossy(&buffer));
                 buffer.clear();
             }
         })

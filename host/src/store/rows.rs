@@ -404,6 +404,7 @@ one_version!(SealedAccount, "accounts", AccountV1);
 
 /// The sealed credentials' plaintext, version 1: postcard of name/value pairs.
 pub(super) fn credentials_to_bytes(credentials: &[(String, String)]) -> Vec<u8> {
+    // postcard fails only for types serde cannot describe; pairs of strings never do.
     postcard::to_stdvec(credentials).unwrap_or_default()
 }
 

@@ -214,11 +214,15 @@ impl Store {
         {
             let mut table = txn.open_table(PLUGIN_STATE)?;
             if table.get((provider, key))?.is_none() {
-                let count = table
-                    .range((provider, "")..)?
-                    .take_while(|e| e.as_ref().is_ok_and(|(k, _)| k.value().0 == provider))
-                    .take(max_keys)
-                    .count();
+                // A read error is an error, not the end of the provider's keys: counting
+                // it as the end would let a plugin pass its limit.
+                let mut count = 0;
+                for entry in table.range((provider, "")..)?.take(max_keys) {
+                    if entry?.0.value().0 != provider {
+                        break;
+                    }
+                    count += 1;
+                }
                 if count >= max_keys {
                     return Ok(false);
                 }

@@ -174,7 +174,7 @@ fn content(root: &Node, os: &Node) -> Content {
         Some("base64") => {
             use base64::Engine as _;
             let compact: String = node.text.split_ascii_whitespace().collect();
-            // Validation has checked the encoding.
+            // Validation decoded it the same way (`is_base64`), so this cannot fail.
             Body::Bytes(
                 base64::engine::general_purpose::STANDARD
                     .decode(compact)
@@ -260,13 +260,13 @@ fn is_bool(s: &str) -> bool {
         .any(|b| b.eq_ignore_ascii_case(s))
 }
 
+/// Whether `s` decodes as the body of a file or command will be decoded (standard
+/// alphabet, padded), so a body that passes never turns into nothing.
 fn is_base64(s: &str) -> bool {
-    let body = s
-        .strip_suffix("==")
-        .or_else(|| s.strip_suffix('='))
-        .unwrap_or(s);
-    let alphabet = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
-    !body.is_empty() && body.bytes().all(alphabet)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .is_ok_and(|bytes| !bytes.is_empty())
 }
 
 /// Oz's size rule (`oz/TDL.py`) within the schema's pattern: digits, optional spaces, then nothing
@@ -533,6 +533,7 @@ mod tests {
 <os>OS<install type='url'><url/><extras/></install></os> => os/install/extras must contain a <directory> or <file>
 <os>OS<install type='url'><url/><icicle/></install></os> => unknown element <icicle> in <os/install>
 <files><file name='a' type='base64'>no base64!</file></files> => files/file[1] has type base64 but is not base64 on one line
+<files><file name='a' type='base64'>aGVsbG8</file></files> => files/file[1] has type base64 but is not base64 on one line
 <commands><command name='a' type='base64'/></commands> => commands/command[1] has type base64 but is not base64 on one line
 <precommands><command name='a' type='gz' position='x'/></precommands> => precommands/command[1]/@type must be raw, base64 or url, not 'gz', precommands/command[1]/@position must be a whole number, not 'x'
 <repositories><repository name='r'><url/><signed>maybe</signed></repository></repositories> => repositories/repository[1]/signed must be true, false, yes or no, not 'maybe'
