@@ -263,7 +263,7 @@ const SETTINGS: &[(&str, &str)] = &[
 ];
 
 /// A size flag, written as a TDL disk size is (`128G`, `512MiB`).
-fn parse_size(raw: &str) -> Result<u64, String> {
+fn parse_size(raw: &str) -> Result<u64, conductor::model::tdl::SizeError> {
     conductor::model::tdl::parse_size(raw)
 }
 

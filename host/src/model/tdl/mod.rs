@@ -131,7 +131,7 @@ pub fn parse(xml: &str) -> Result<Template, TdlError> {
         let problem = format!("the template is {} bytes, more than 1 MiB", xml.len());
         return Err(one(problem));
     }
-    let root = read_tree(xml).map_err(one)?;
+    let root = read_tree(xml).map_err(|e| one(e.to_string()))?;
     if root.name != "template" {
         let problem = format!("the root element must be <template>, not <{}>", root.name);
         return Err(one(problem));
@@ -273,11 +273,26 @@ fn is_base64(s: &str) -> bool {
 /// or G (GiB, Oz's historical default), T (TiB), B (bytes), or an SI (`MB`) or IEC (`MiB`) unit,
 /// in any case. A bare `M` matches the schema's pattern but Oz refuses it, so it is refused here.
 /// A size in TDL's notation (a bare number is GiB), for flags that take one.
-pub fn parse_size(raw: &str) -> Result<u64, String> {
-    disk_size(raw).map_err(|e| e.replacen("disk/size", "a size", 1))
+pub fn parse_size(raw: &str) -> Result<u64, SizeError> {
+    size("a size", raw)
 }
 
-fn disk_size(raw: &str) -> Result<u64, String> {
+fn disk_size(raw: &str) -> Result<u64, SizeError> {
+    size("disk/size", raw)
+}
+
+/// Why a size is refused; the first field names what was given (`disk/size`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0} must be a whole number of GiB or with a unit such as G, T, MB or GiB, not '{1}'")]
+    Unparsable(&'static str, String),
+    #[error("{0} must be more than zero")]
+    Zero(&'static str),
+    #[error("{0} must be at most 16 TiB, not '{1}'")]
+    TooLarge(&'static str, String),
+}
+
+fn size(subject: &'static str, raw: &str) -> Result<u64, SizeError> {
     let number = raw.trim_end_matches(|c: char| !c.is_ascii_digit());
     let unit = raw[number.len()..]
         .trim_start_matches(' ')
@@ -296,19 +311,16 @@ fn disk_size(raw: &str) -> Result<u64, String> {
     };
     let digits = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
     let Some(factor) = factor.filter(|_| digits) else {
-        let units = "a unit such as G, T, MB or GiB";
-        return Err(format!(
-            "disk/size must be a whole number of GiB or with {units}, not '{raw}'"
-        ));
+        return Err(SizeError::Unparsable(subject, raw.to_owned()));
     };
     let bytes = number
         .parse::<u128>()
         .ok()
         .and_then(|n| n.checked_mul(factor));
     match bytes.map(u64::try_from) {
-        Some(Ok(0)) => Err("disk/size must be more than zero".to_owned()),
+        Some(Ok(0)) => Err(SizeError::Zero(subject)),
         Some(Ok(bytes)) if u128::from(bytes) <= MAX_DISK_SIZE => Ok(bytes),
-        _ => Err(format!("disk/size must be at most 16 TiB, not '{raw}'")),
+        _ => Err(SizeError::TooLarge(subject, raw.to_owned())),
     }
 }
 
@@ -458,7 +470,7 @@ impl Checker {
             }
             "disk/size" => {
                 if let Err(problem) = disk_size(text) {
-                    self.report(problem);
+                    self.report(problem.to_string());
                 }
             }
             _ => {}
@@ -689,16 +701,14 @@ mod tests {
         for bad in [
             "512M", "-1", "1.5G", "", "G", " 10", "10 ZZ", "10GiB ", "1µB",
         ] {
-            assert_eq!(disk_size(bad), Err(format!("{unparsable}, not '{bad}'")));
+            let refused = disk_size(bad).map_err(|e| e.to_string());
+            assert_eq!(refused, Err(format!("{unparsable}, not '{bad}'")));
         }
-        assert_eq!(
-            disk_size("0T"),
-            Err("disk/size must be more than zero".to_owned())
-        );
+        assert_eq!(disk_size("0T"), Err(SizeError::Zero("disk/size")));
         let overflow = format!("{}G", "9".repeat(40));
         for big in ["17T", "16385G", "1PB", "1YiB", &overflow] {
             assert_eq!(
-                disk_size(big),
+                disk_size(big).map_err(|e| e.to_string()),
                 Err(format!("disk/size must be at most 16 TiB, not '{big}'"))
             );
         }

@@ -28,8 +28,23 @@ pub(super) struct Node {
     pub(super) text: String,
 }
 
-pub(super) fn malformed(detail: impl std::fmt::Display) -> String {
-    format!("XML is not well-formed: {detail}")
+/// Why a document has no element tree: the one problem that stopped the reading.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TreeError {
+    #[error("XML is not well-formed: {0}")]
+    Malformed(String),
+    #[error("DTDs are not allowed")]
+    Dtd,
+    #[error("XML nesting is deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("the template has more than {MAX_NODES} elements and attributes")]
+    TooManyNodes,
+    #[error("element <{0}> has more than {MAX_ATTRIBUTES} attributes")]
+    TooManyAttributes(String),
+}
+
+pub(super) fn malformed(detail: impl std::fmt::Display) -> TreeError {
+    TreeError::Malformed(detail.to_string())
 }
 
 pub(super) fn is_xml_char(c: char) -> bool {
@@ -43,7 +58,7 @@ pub(super) fn xml_trim(s: &str) -> &str {
 /// Builds the element tree, enforcing the well-formedness rules quick-xml leaves to its caller
 /// (one root, nothing but markup around it, legal characters, known entities). Returns the single
 /// problem that stopped it.
-pub(super) fn read_tree(xml: &str) -> Result<Node, String> {
+pub(super) fn read_tree(xml: &str) -> Result<Node, TreeError> {
     let xml = xml.strip_prefix('\u{feff}').unwrap_or(xml);
     if let Some((at, c)) = xml.char_indices().find(|&(_, c)| !is_xml_char(c)) {
         let code = u32::from(c);
@@ -63,7 +78,7 @@ pub(super) fn read_tree(xml: &str) -> Result<Node, String> {
             .map_err(|e| malformed(format!("{e} at byte {}", reader.error_position())))?;
         let text = match event {
             // Refusing DTDs outright shuts out entity expansion and external fetches at once.
-            Event::DocType(_) => return Err("DTDs are not allowed".to_owned()),
+            Event::DocType(_) => return Err(TreeError::Dtd),
             Event::Decl(_) if start != 0 => {
                 return Err(malformed("the XML declaration is not first"));
             }
@@ -107,17 +122,16 @@ pub(super) fn open(
     stack: &[Node],
     have_root: bool,
     nodes: &mut usize,
-) -> Result<Node, String> {
+) -> Result<Node, TreeError> {
     if stack.is_empty() && have_root {
         return Err(malformed("more than one root element"));
     }
     if stack.len() >= MAX_DEPTH {
-        return Err(format!("XML nesting is deeper than {MAX_DEPTH} levels"));
+        return Err(TreeError::TooDeep);
     }
-    let too_many = || format!("the template has more than {MAX_NODES} elements and attributes");
     *nodes += 1;
     if *nodes > MAX_NODES {
-        return Err(too_many());
+        return Err(TreeError::TooManyNodes);
     }
     let decoder = e.decoder();
     let name = decoder
@@ -129,13 +143,11 @@ pub(super) fn open(
         // Checked before the next attribute is read, which bounds quick-xml's duplicate
         // check to MAX_ATTRIBUTES² comparisons.
         if index >= MAX_ATTRIBUTES {
-            return Err(format!(
-                "element <{name}> has more than {MAX_ATTRIBUTES} attributes"
-            ));
+            return Err(TreeError::TooManyAttributes(name.to_string()));
         }
         *nodes += 1;
         if *nodes > MAX_NODES {
-            return Err(too_many());
+            return Err(TreeError::TooManyNodes);
         }
         let attr = attr.map_err(|err| malformed(format!("{err} in <{name}>")))?;
         let key = decoder.decode(attr.key.as_ref()).map_err(malformed)?;
@@ -156,7 +168,7 @@ pub(super) fn close(node: Node, stack: &mut [Node], root: &mut Option<Node>) {
     }
 }
 
-pub(super) fn resolve_reference(r: &BytesRef) -> Result<String, String> {
+pub(super) fn resolve_reference(r: &BytesRef) -> Result<String, TreeError> {
     match r.resolve_char_ref().map_err(malformed)? {
         Some(c) if is_xml_char(c) => Ok(c.to_string()),
         Some(c) => {
