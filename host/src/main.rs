@@ -152,6 +152,13 @@ struct OsLimits {
     /// `<data>/os-cache`); servers on one machine may share it.
     #[arg(long, env = "CONDUCTOR_OS_CACHE")]
     os_cache: Option<PathBuf>,
+    /// What a build that does not say (`<parameter name='verify'>`) is checked with:
+    /// `boot` boots every finished image in qemu to see it reach a login prompt.
+    #[arg(long, env = "CONDUCTOR_VERIFY", default_value = "none", value_parser = ["none", "boot"])]
+    verify: String,
+    /// Seconds a boot check may wait for a login prompt (TCG takes about 30).
+    #[arg(long, env = "CONDUCTOR_BOOT_CHECK_TIMEOUT", default_value_t = 300)]
+    boot_check_timeout: u64,
 }
 
 impl OsLimits {
@@ -162,6 +169,8 @@ impl OsLimits {
             command_deadline: std::time::Duration::from_secs(self.os_command_timeout.max(1)),
             cache_limit: self.os_cache_size,
             cache_dir: self.os_cache.clone(),
+            boot_deadline: std::time::Duration::from_secs(self.boot_check_timeout.max(1)),
+            check_every_build: self.verify == "boot",
         }
     }
 }
@@ -258,6 +267,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("os_command_timeout", "CONDUCTOR_OS_COMMAND_TIMEOUT"),
     ("os_cache_size", "CONDUCTOR_OS_CACHE_SIZE"),
     ("os_cache", "CONDUCTOR_OS_CACHE"),
+    ("verify", "CONDUCTOR_VERIFY"),
+    ("boot_check_timeout", "CONDUCTOR_BOOT_CHECK_TIMEOUT"),
     ("log", "CONDUCTOR_LOG"),
     ("log_format", "CONDUCTOR_LOG_FORMAT"),
 ];

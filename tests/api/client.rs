@@ -10,7 +10,7 @@ const TEMPLATE: &str = concat!(
 );
 
 /// Runs the client with the server's URL and the admin's password in its environment.
-fn conductor(server: &Server, args: &[&str]) -> Output {
+pub(crate) fn conductor(server: &Server, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_conductor"))
         .args(args)
         .env("CONDUCTOR_URL", &server.url)

@@ -15,6 +15,7 @@ mod hostile_tenants;
 mod jobs;
 mod openstack;
 mod os_builds;
+mod os_checks;
 mod providers;
 mod pushes;
 mod replay;

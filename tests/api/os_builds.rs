@@ -13,22 +13,22 @@ use std::time::{Duration, Instant};
 
 /// One OS test at a time: they share the cache, and two cold installs at once would
 /// only slow each other down.
-static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A builds' own deadline: a cold install on two busy cores takes minutes.
-const BUILD_LIMIT: Duration = Duration::from_secs(20 * 60);
+pub(crate) const BUILD_LIMIT: Duration = Duration::from_secs(20 * 60);
 
-fn cache() -> String {
+pub(crate) fn cache() -> String {
     concat!(env!("CARGO_TARGET_TMPDIR"), "/os-cache").to_owned()
 }
 
-fn start(data: &Path) -> Server {
+pub(crate) fn start(data: &Path) -> Server {
     Server::start_with(data, &["--os-cache", &cache()])
 }
 
 /// The Debian mirror this machine installs from: the first `deb` URI of its apt sources
 /// that is not a security archive.
-fn machine_mirror() -> String {
+pub(crate) fn machine_mirror() -> String {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(entries) = std::fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
@@ -67,7 +67,7 @@ fn machine_mirror() -> String {
 /// A Debian 12 template: a 2 GiB disk, root's password, and what the test adds. Its
 /// description is new every time, and so is its root password's hash, so a disk an
 /// earlier run left in the shared cache is never reused: customization happens anew.
-fn debian(name: &str, mirror: &str, extra: &str) -> String {
+pub(crate) fn debian(name: &str, mirror: &str, extra: &str) -> String {
     let run = uuid::Uuid::now_v7();
     format!(
         "<template><name>{name}</name><description>run {run}</description><os><name>Debian</name>\
@@ -77,7 +77,7 @@ fn debian(name: &str, mirror: &str, extra: &str) -> String {
 }
 
 /// Posts a build and answers its one target image's path.
-async fn build(server: &Server, targets: &str, template: &str) -> String {
+pub(crate) async fn build(server: &Server, targets: &str, template: &str) -> String {
     let reply = server
         .post("/api/images", &build_request(targets, template, ""))
         .await;
@@ -86,7 +86,7 @@ async fn build(server: &Server, targets: &str, template: &str) -> String {
 }
 
 /// Streams a target image to a file.
-async fn download_to(server: &Server, ti: &str, path: &Path) {
+pub(crate) async fn download_to(server: &Server, ti: &str, path: &Path) {
     use tokio::io::AsyncWriteExt;
     let mut response = server
         .request(reqwest::Method::GET, &format!("{ti}/data"))
@@ -104,7 +104,7 @@ async fn download_to(server: &Server, ti: &str, path: &Path) {
 
 /// A file of the image's root filesystem (the second partition, after 1 MiB and the
 /// 256 MiB EFI system partition), read with debugfs: no mount needed.
-fn read_in_image(image: &Path, path: &str) -> String {
+pub(crate) fn read_in_image(image: &Path, path: &str) -> String {
     let output = std::process::Command::new("debugfs")
         .args(["-R", &format!("cat {path}")])
         .arg(format!("{}?offset={}", image.display(), 257u64 << 20))
@@ -167,7 +167,7 @@ fn boot_until(image: &Path, firmware: Firmware, marker: &str, limit: Duration) -
 }
 
 /// Processes whose command line holds `words`, other than this test's own.
-fn processes_running(words: &str) -> Vec<String> {
+pub(crate) fn processes_running(words: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();

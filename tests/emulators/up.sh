@@ -4,6 +4,7 @@
 #   moto-auth      a second moto that checks SigV4 signatures against an IAM user
 #   Keystone 30    identity, with a `ci` user in project `demo`
 #   Glance 33      image service, authenticating against that Keystone
+# and the venv of spdx-tools, whose validator the SBOM tests run (no service),
 # then write $STATE/env with the CONDUCTOR_TEST_* variables (`. "$STATE/env"`).
 #
 # Idempotent: if everything from a previous run still answers, nothing is done.
@@ -184,7 +185,14 @@ EOF
 
 # --- start ----------------------------------------------------------------------
 
+# spdx-tools' validator, which the SBOM tests run (no service: only its venv).
+SPDX_VALIDATOR=$VENVS/spdx/bin/pyspdxtools
+
 if all_up; then
+  mkdir -p "$VENVS" "$LOGS"
+  ensure_venv spdx "$EMU_SRC/requirements-spdx.txt"
+  grep -q CONDUCTOR_TEST_SPDX "$ENV_FILE" ||
+    echo "export CONDUCTOR_TEST_SPDX=$SPDX_VALIDATOR" >>"$ENV_FILE"
   log "emulators already running; env: $ENV_FILE"
   cat "$ENV_FILE"
   exit 0
@@ -212,8 +220,11 @@ ensure_venv moto "$EMU_SRC/requirements-moto.txt" &
 moto_venv_job=$!
 ensure_venv openstack "$EMU_SRC/requirements-keystone.txt" "$EMU_SRC/requirements-glance.txt" &
 os_venv_job=$!
+ensure_venv spdx "$EMU_SRC/requirements-spdx.txt" &
+spdx_venv_job=$!
 wait "$moto_venv_job" || exit 1
 wait "$os_venv_job" || exit 1
+wait "$spdx_venv_job" || exit 1
 OS_BIN=$VENVS/openstack/bin
 
 read -r MOTO_PORT MOTO_AUTH_PORT KEYSTONE_PORT GLANCE_PORT < <(pick_ports)
@@ -387,6 +398,7 @@ export CONDUCTOR_TEST_OS_USER=$CI_USER
 export CONDUCTOR_TEST_OS_PASSWORD=$CI_PASSWORD
 export CONDUCTOR_TEST_OS_PROJECT=$CI_PROJECT
 export CONDUCTOR_TEST_OS_DOMAIN=$CI_DOMAIN
+export CONDUCTOR_TEST_SPDX=$SPDX_VALIDATOR
 EOF
 mv "$ENV_FILE.tmp" "$ENV_FILE"
 log "emulators up; for the tests: . $ENV_FILE"

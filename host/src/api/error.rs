@@ -51,6 +51,13 @@ pub enum ApiError {
     NoTargetImageFor(String),
     /// 404 `TargetImageNotBuilt`: a download of a target image that has no image yet.
     NotBuilt(String, Status),
+    /// 404 `NotRecorded`: a target image's package manifest or boot console, which only
+    /// builds that installed an OS or were checked have; `why` says when there is one.
+    NotRecorded {
+        id: String,
+        what: &'static str,
+        why: &'static str,
+    },
     /// 404 `ImageNotFound`: an import's identifier is not on the provider, or (with the
     /// reason) the lookup failed in a way that is not the request's fault.
     NotOnProvider {
@@ -113,6 +120,7 @@ impl ApiError {
             | AccountNotFound(_)
             | NoTargetImageFor(_)
             | NotBuilt(..)
+            | NotRecorded { .. }
             | NotOnProvider { .. } => StatusCode::NOT_FOUND,
             ParentNotFound(..)
             | Insufficient(_)
@@ -145,6 +153,7 @@ impl ApiError {
             AccountNotFound(_) => "ProviderAccountNotFound".into(),
             NoTargetImageFor(_) => "TargetImageNotFound".into(),
             NotBuilt(..) => "TargetImageNotBuilt".into(),
+            NotRecorded { .. } => "NotRecorded".into(),
             NotOnProvider { .. } => "ImageNotFound".into(),
             Insufficient(_) => "InsufficientParametersSupplied".into(),
             Incorrect(_)
@@ -179,6 +188,9 @@ impl ApiError {
             AccountNotFound(label) => format!("Could not find Provider Account for name {label}"),
             NoTargetImageFor(label) => {
                 format!("Could not find an appropriate target image for account {label}")
+            }
+            NotRecorded { id, what, why } => {
+                format!("Target image {id} has no {what}: {why}")
             }
             NotBuilt(id, status) => {
                 format!(
@@ -281,6 +293,17 @@ impl From<crate::jobs::PushPlanError> for ApiError {
             NotInEnvironment { label, valid } => ApiError::AccountNotInEnvironment { label, valid },
             NoTargetImage(label) => ApiError::NoTargetImageFor(label),
             NoProvider(label) => ApiError::internal(format!("account {label} has no provider")),
+            BootCheckFailed {
+                target_image,
+                result,
+            } => {
+                let (name, value) = crate::jobs::IGNORE_BOOT_CHECK;
+                ApiError::Incorrect(format!(
+                    "Target image {target_image}'s boot check {}: it is not pushed unless the \
+                     push says <parameter name='{name}'>{value}</parameter>",
+                    result.as_str()
+                ))
+            }
         }
     }
 }

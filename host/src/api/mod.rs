@@ -17,6 +17,7 @@ mod provider_images;
 mod providers;
 mod quotas;
 pub mod rendered;
+mod sbom;
 mod target_images;
 mod users;
 pub mod xml;
@@ -227,6 +228,8 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/api/target_images/{id}/data", get(target_images::data))
         .route("/api/target_images/{id}/log", get(target_images::log))
+        .route("/api/target_images/{id}/sbom", get(sbom::sbom))
+        .route("/api/target_images/{id}/console", get(sbom::console))
         .route(
             "/api/target_images/{id}/cancel",
             post(target_images::cancel),

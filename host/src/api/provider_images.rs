@@ -318,6 +318,7 @@ pub async fn create(
         &target_images,
         |a| user.sees_account(a),
     )?;
+    crate::jobs::refuse_failed_checks(&plan, &parameters)?;
     let provider_images: Vec<ProviderImage> = plan
         .iter()
         .map(|(account, provider, ti)| ProviderImage {

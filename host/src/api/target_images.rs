@@ -78,6 +78,27 @@ fn write_target_image(doc: &mut Doc, base: &str, row: &Row) {
             .text("format", disk.format.as_str())
             .text("size", &disk.size.to_string())
             .text("virtual_size", &disk.virtual_size.to_string());
+        if let Some(count) = disk.packages {
+            doc.empty(
+                "sbom",
+                &[
+                    ("href", &format!("{base}/target_images/{}/sbom", ti.id)),
+                    ("packages", &count.to_string()),
+                ],
+            );
+        }
+        if let Some(check) = &disk.check {
+            doc.text_with(
+                "boot_check",
+                &[
+                    ("href", &format!("{base}/target_images/{}/console", ti.id)),
+                    ("result", check.result.as_str()),
+                    ("firmware", check.firmware.as_str()),
+                    ("seconds", &check.seconds.to_string()),
+                ],
+                &check.detail,
+            );
+        }
     }
     doc.open("provider_images", &[]);
     for pi in &row.provider_images {
@@ -295,7 +316,7 @@ fn byte_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 }
 
 /// The target image `raw` names, when the user may see it; 404 otherwise.
-async fn find(state: &Shared, user: &CurrentUser, raw: &str) -> ApiResult<TargetImage> {
+pub(super) async fn find(state: &Shared, user: &CurrentUser, raw: &str) -> ApiResult<TargetImage> {
     let missing = || ti_not_found(raw);
     let id = parse_id(raw).ok_or_else(missing)?;
     visible(state, user, id, None).await?.ok_or_else(missing)?;

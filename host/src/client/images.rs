@@ -86,6 +86,16 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        ImageCommand::Diff { a, b } => {
+            let left = packages(&client.get_json(&format!("/target_images/{a}/sbom")).await?);
+            let right = packages(&client.get_json(&format!("/target_images/{b}/sbom")).await?);
+            let rows = package_changes(&left, &right);
+            if rows.is_empty() {
+                println!("{a} and {b} hold the same {} packages", left.len());
+            } else {
+                table(&["", "package", &a, &b], &rows);
+            }
+        }
         ImageCommand::List => {
             if let Some(value) = client.call(Method::GET, "/images", None).await? {
                 list_table(&value, &["id", "name", "os", "os_version", "arch"]);
@@ -337,4 +347,67 @@ async fn follow(client: &Client, kind: &str, ids: &[String]) -> anyhow::Result<(
         bail!("{failed} of {} did not complete", rows.len());
     }
     Ok(())
+}
+
+/// The packages an SPDX document lists, by name, with their versions; the image itself
+/// (the package the document describes) is left out.
+fn packages(sbom: &Value) -> BTreeMap<String, String> {
+    sbom["packages"]
+        .as_array()
+        .map(|list| &list[..])
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .filter_map(|p| Some((p["name"].as_str()?.to_owned(), text(&p["versionInfo"]))))
+        .collect()
+}
+
+/// One row per package that differs: `-` only in the first, `+` only in the second,
+/// `~` in both with other versions.
+fn package_changes(
+    left: &BTreeMap<String, String>,
+    right: &BTreeMap<String, String>,
+) -> Vec<Vec<String>> {
+    let names: std::collections::BTreeSet<&String> = left.keys().chain(right.keys()).collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (a, b) = (left.get(name), right.get(name));
+            let mark = match (a, b) {
+                (Some(_), None) => "-",
+                (None, Some(_)) => "+",
+                (Some(a), Some(b)) if a != b => "~",
+                _ => return None,
+            };
+            let version = |v: Option<&String>| v.cloned().unwrap_or_default();
+            Some(vec![mark.to_owned(), name.clone(), version(a), version(b)])
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packages_that_differ_are_marked() {
+        let list = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let rows = package_changes(
+            &list(&[("bash", "5.2"), ("gone", "1"), ("same", "2")]),
+            &list(&[("bash", "5.3"), ("hello", "2.10"), ("same", "2")]),
+        );
+        assert_eq!(
+            rows,
+            [
+                vec!["~", "bash", "5.2", "5.3"],
+                vec!["-", "gone", "1", ""],
+                vec!["+", "hello", "", "2.10"],
+            ]
+        );
+    }
 }

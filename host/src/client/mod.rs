@@ -109,6 +109,14 @@ pub enum ImageCommand {
     Status { id: String },
     /// Delete an image, its builds, and its provider images on the providers.
     Delete { id: String },
+    /// Compare the packages of two target images (from their SBOMs): what only one
+    /// holds, and what both hold in other versions.
+    Diff {
+        /// The first target image id.
+        a: String,
+        /// The second target image id.
+        b: String,
+    },
     /// Register an image that already exists on a provider.
     Import {
         /// The provider's identifier of the image (an AMI id, a Glance id).
@@ -382,7 +390,6 @@ impl Client {
     }
 }
 
-/// The server's code and message from an error answer, in JSON or XML, or the status.
 /// An answer's JSON: an empty body is null, anything else must be JSON (a proxy's HTML
 /// page is reported, not shown as an empty table).
 fn json_answer(text: &str) -> anyhow::Result<Value> {
@@ -395,6 +402,7 @@ fn json_answer(text: &str) -> anyhow::Result<Value> {
     })
 }
 
+/// The server's code and message from an error answer, in JSON or XML, or the status.
 fn error_text(status: u16, body: &str) -> String {
     if let Ok(value) = serde_json::from_str::<Value>(body) {
         if let Some(error) = value.get("error") {

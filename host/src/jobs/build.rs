@@ -2,6 +2,10 @@
 //! plugin's build, and the image stored by its content.
 
 use super::*;
+use std::ops::ControlFlow;
+
+/// Where a build's boot check starts in its percent.
+const CHECK_PERCENT: u8 = 90;
 
 impl Jobs {
     pub(super) fn build(&self, job: &Job, stop: &Stop) -> Result<Step, JobError> {
@@ -95,6 +99,12 @@ impl Jobs {
         let base = work.join("base.raw");
         let output = work.join("output");
         let mut facts = facts;
+        // What an install put in the image, for its manifest.
+        let mut packages = None;
+        let verify = ti
+            .parameters
+            .iter()
+            .any(|(name, value)| name == "verify" && value == "boot");
         match &ti.base_image {
             Some(base_image) => {
                 let store = self.store.clone();
@@ -153,8 +163,9 @@ impl Jobs {
                     for (target, package) in &needed {
                         log.line(&format!("the {target} target needs {package} in the image"));
                     }
-                    if let Some(step) = self.install_os(ti, job, plan, &base, &log, stop)? {
-                        return Ok(step);
+                    match self.install_os(ti, job, plan, &base, &log, stop)? {
+                        ControlFlow::Break(step) => return Ok(step),
+                        ControlFlow::Continue(installed) => packages = Some(installed),
                     }
                 }
                 None => {
@@ -174,7 +185,10 @@ impl Jobs {
         } else {
             0
         };
-        let mut context = self.progress_context_from(ti.id, JobKind::Build, floor, PROGRESS_EVERY);
+        // A boot check, when asked for, takes the last tenth.
+        let ceiling = if verify { CHECK_PERCENT } else { 100 };
+        let mut context =
+            self.progress_context_from(ti.id, JobKind::Build, floor..=ceiling, PROGRESS_EVERY);
         context.state = None;
         context.stop = stop.clone();
         let started = Instant::now();
@@ -209,6 +223,15 @@ impl Jobs {
                 });
             }
         };
+        let check = if verify {
+            let firmware = plan.as_ref().map(os::Plan::firmware).unwrap_or_default();
+            match self.boot_check(ti, job, &output, built.format, &firmware, work, &log, stop)? {
+                ControlFlow::Break(step) => return Ok(step),
+                ControlFlow::Continue(check) => Some(check),
+            }
+        } else {
+            None
+        };
         self.set_ti(ti.id, |ti| {
             ti.progress.activity = "storing the image".into();
         })?;
@@ -233,6 +256,34 @@ impl Jobs {
         } else {
             facts_note(&facts)
         };
+        // The manifest is written before the record says COMPLETE, so a complete record
+        // that counts packages always has its manifest.
+        let package_count = match (&plan, packages) {
+            (Some(plan), Some(packages)) => {
+                let count = packages.len().try_into().unwrap_or(u32::MAX);
+                let manifest = os::manifest::Manifest {
+                    version: os::manifest::Manifest::VERSION,
+                    os: plan.title.clone(),
+                    mirror: plan.mirror().to_owned(),
+                    created: now_rfc3339(),
+                    packages,
+                };
+                let bytes = serde_json::to_vec(&manifest)
+                    .map_err(|e| JobError::Io(format!("writing the package manifest: {e}")))?;
+                write_atomically(&self.paths.manifest(ti.id), &bytes)
+                    .map_err(|e| JobError::Io(format!("storing the package manifest: {e}")))?;
+                Some(count)
+            }
+            _ => None,
+        };
+        let check_note = match &check {
+            Some(check) => format!(
+                "; the boot check {} in {} s",
+                check.result.as_str(),
+                check.seconds
+            ),
+            None => String::new(),
+        };
         self.set_ti(ti.id, |ti| {
             // A cancel that came too late to stop the plugin still wins.
             if ti.progress.status == Status::Cancelled {
@@ -241,8 +292,15 @@ impl Jobs {
             ti.progress.status = Status::Complete;
             ti.progress.percent = 100;
             ti.progress.activity = match &plan {
-                Some(plan) => format!("built a {} image of {}", built.format.as_str(), plan.title),
-                None => format!("built a {} image{blank_note}", built.format.as_str()),
+                Some(plan) => format!(
+                    "built a {} image of {}{check_note}",
+                    built.format.as_str(),
+                    plan.title
+                ),
+                None => format!(
+                    "built a {} image{blank_note}{check_note}",
+                    built.format.as_str()
+                ),
             };
             ti.disk = Some(Disk {
                 blob: blob.name.clone(),
@@ -250,6 +308,8 @@ impl Jobs {
                 size: blob.size,
                 virtual_size: built.virtual_size,
                 firmware: plan.as_ref().map(os::Plan::firmware).unwrap_or_default(),
+                packages: package_count,
+                check: check.clone(),
             });
         })?;
         // A target image deleted while it was built leaves its blob unreferenced; the
@@ -257,9 +317,78 @@ impl Jobs {
         Ok(Step::Done(Ok(())))
     }
 
+    /// Boots the built image to see it reach a login prompt (the stage from
+    /// [`CHECK_PERCENT`] to 99 %). The console is kept beside the build log. `Break` when
+    /// the build ends here: cancelled, stopped, or the check could not run.
+    #[allow(clippy::too_many_arguments)]
+    fn boot_check(
+        &self,
+        ti: &TargetImage,
+        job: &Job,
+        image: &Path,
+        format: model::DiskFormat,
+        firmware: &[model::Firmware],
+        work: &Path,
+        log: &os::Log,
+        stop: &Stop,
+    ) -> Result<ControlFlow<Step, model::BootCheck>, JobError> {
+        let firmware = os::boot::firmware_for(firmware);
+        log.line(&format!(
+            "== checking that the image boots ({}), within {} s",
+            firmware.as_str(),
+            self.installer.settings().boot_deadline.as_secs()
+        ));
+        let mut context =
+            self.progress_context_from(ti.id, JobKind::Build, CHECK_PERCENT..=99, PROGRESS_EVERY);
+        let checked = os::boot::check(
+            image,
+            format,
+            firmware,
+            self.installer.settings().boot_deadline,
+            &work.join("check"),
+            log,
+            &mut |percent, activity| (context.progress)(percent, activity),
+            &|| stop.reason().is_some(),
+        );
+        // The console stays with the target image, whatever the check found.
+        let console = work.join("check").join("console");
+        if console.exists() {
+            std::fs::copy(&console, self.paths.console(ti.id))
+                .map_err(|e| JobError::Io(format!("keeping the boot console: {e}")))?;
+        }
+        match checked {
+            Ok(check) => {
+                log.line(&format!(
+                    "== the boot check {} after {} s{}",
+                    check.result.as_str(),
+                    check.seconds,
+                    if check.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", check.detail)
+                    }
+                ));
+                Ok(ControlFlow::Continue(check))
+            }
+            Err(e) if e.is_stop() => {
+                log.line("== stopped");
+                on_plugin_error(job, stopped(stop), |change| {
+                    self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
+                })
+                .map(ControlFlow::Break)
+            }
+            Err(e) => {
+                let reason = format!("the boot check could not run: {e}");
+                log.line(&format!("== failed: {reason}"));
+                self.set_ti(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
+                Ok(ControlFlow::Break(Step::failed(reason)))
+            }
+        }
+    }
+
     /// Installs the plan's OS (or finds the disk an earlier target of the same build or
-    /// template made) and links it as the build's base disk. `Some(step)` when the build
-    /// ends here: failed, cancelled or stopped.
+    /// template made) and links it as the build's base disk, answering what it holds.
+    /// `Break` when the build ends here: failed, cancelled or stopped.
     fn install_os(
         &self,
         ti: &TargetImage,
@@ -268,10 +397,11 @@ impl Jobs {
         base: &Path,
         log: &os::Log,
         stop: &Stop,
-    ) -> Result<Option<Step>, JobError> {
+    ) -> Result<ControlFlow<Step, Vec<os::manifest::Package>>, JobError> {
         log.line(&format!("== installing {}", plan.title));
         // An install reports a few dozen stages, each worth showing: none is dropped.
-        let mut context = self.progress_context_from(ti.id, JobKind::Build, 0, Duration::ZERO);
+        let mut context =
+            self.progress_context_from(ti.id, JobKind::Build, 0..=100, Duration::ZERO);
         let started = Instant::now();
         let installed = self.installer.install(
             plan,
@@ -280,21 +410,21 @@ impl Jobs {
             &|| stop.reason().is_some(),
         );
         tracing::info!(job = %ti.id, os = %plan.title, elapsed = ?started.elapsed(), ok = installed.is_ok(), "OS install finished");
-        let disk = match installed {
-            Ok(disk) => disk,
+        let os::Installed { disk, packages } = match installed {
+            Ok(installed) => installed,
             Err(e) if e.is_stop() => {
                 log.line("== stopped");
                 return on_plugin_error(job, stopped(stop), |change| {
                     self.set_ti(ti.id, |ti| change(&mut ti.progress)).map(drop)
                 })
-                .map(Some);
+                .map(ControlFlow::Break);
             }
             Err(e) => {
                 let reason = e.to_string();
                 log.line(&format!("== failed: {reason}"));
                 self.store
                     .update_target_image(ti.id, |ti| fail(&mut ti.progress, reason.clone()))?;
-                return Ok(Some(Step::failed(reason)));
+                return Ok(ControlFlow::Break(Step::failed(reason)));
             }
         };
         // The cached disk is shared and never written: a link costs nothing; a copy is
@@ -308,7 +438,7 @@ impl Jobs {
             plan.title,
             started.elapsed().as_secs_f64()
         ));
-        Ok(None)
+        Ok(ControlFlow::Continue(packages))
     }
 
     /// The template facts for a target image's build, or why there are none.
@@ -358,6 +488,25 @@ fn facts_note(facts: &TemplateFacts) -> String {
         ),
         None => String::new(),
     }
+}
+
+/// Now, as RFC 3339 in UTC to the second (`2026-12-08T04:08:56Z`, the form SPDX asks
+/// for).
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place, so a reader
+/// finds the whole file or none.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, bytes)?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, path)
 }
 
 #[cfg(test)]

@@ -54,27 +54,30 @@ impl Jobs {
     /// passes early: a plugin repeating 100 % in a loop is held to the pace like any
     /// other, so no plugin can turn its reports into a stream of writes.
     pub(super) fn progress_context(&self, id: Id, kind: JobKind) -> CallContext {
-        self.progress_context_from(id, kind, 0, PROGRESS_EVERY)
+        self.progress_context_from(id, kind, 0..=100, PROGRESS_EVERY)
     }
 
-    /// A call context whose progress reports fill the percent from `floor` to 100.
+    /// A call context whose progress reports fill the percent over `range` (a plugin's
+    /// 0 to 100 becomes 80 to 90 when an install came before and a check comes after).
     /// Reports closer together than `every` are dropped (a plugin may report thousands).
     pub(super) fn progress_context_from(
         &self,
         id: Id,
         kind: JobKind,
-        floor: u8,
+        range: std::ops::RangeInclusive<u8>,
         every: Duration,
     ) -> CallContext {
+        let (floor, ceiling) = (*range.start(), (*range.end()).min(100));
         let store = self.store.clone();
         let changes = self.changes.clone();
         let mut last: Option<(Instant, u8)> = None;
         let progress = Box::new(move |percent: u8, activity: &str| {
-            let percent =
-                floor + (u16::from(percent.min(100)) * u16::from(100 - floor.min(100)) / 100) as u8;
+            let percent = floor
+                + (u16::from(percent.min(100)) * u16::from(ceiling.saturating_sub(floor)) / 100)
+                    as u8;
             if let Some((at, written)) = last
                 && at.elapsed() < every
-                && (percent < 100 || written == 100)
+                && (percent < ceiling || written == ceiling)
             {
                 return;
             }

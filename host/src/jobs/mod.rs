@@ -15,7 +15,7 @@ pub use limits::Concurrency;
 
 use calls::{ProviderState, target_of};
 use limits::Gates;
-pub use push::{PushPlan, PushPlanError, plan_push};
+pub use push::{IGNORE_BOOT_CHECK, PushPlan, PushPlanError, plan_push, refuse_failed_checks};
 pub use submit::DeleteOutcome;
 
 use crate::blobs::{self, BaseError, Blobs};
@@ -140,6 +140,16 @@ impl Paths {
     pub fn log(&self, target_image: Id) -> PathBuf {
         self.logs.join(format!("{target_image}.log"))
     }
+
+    /// The package manifest of a target image whose OS this server installed.
+    pub fn manifest(&self, target_image: Id) -> PathBuf {
+        self.logs.join(format!("{target_image}.manifest.json"))
+    }
+
+    /// The serial console of a target image's boot check.
+    pub fn console(&self, target_image: Id) -> PathBuf {
+        self.logs.join(format!("{target_image}.console"))
+    }
 }
 
 /// A status change or progress report of a target image or provider image, for
@@ -252,18 +262,18 @@ impl Jobs {
     /// Removes every blob no target image references. Blocking.
     pub fn collect_blobs(&self) -> Result<usize, JobError> {
         let target_images = self.store.target_images(None)?;
-        // Build logs go with their target images.
-        let kept: std::collections::HashSet<String> = target_images
-            .iter()
-            .map(|ti| format!("{}.log", ti.id))
-            .collect();
+        // Build logs, manifests and consoles (`<id>.…`) go with their target images.
+        let kept: std::collections::HashSet<String> =
+            target_images.iter().map(|ti| ti.id.to_string()).collect();
         match std::fs::read_dir(&self.paths.logs) {
             Err(e) => {
                 tracing::warn!(dir = %self.paths.logs.display(), "build logs cannot be pruned: {e}")
             }
             Ok(logs) => {
                 for log in logs.flatten() {
-                    if !kept.contains(log.file_name().to_string_lossy().as_ref()) {
+                    let name = log.file_name().to_string_lossy().into_owned();
+                    let owner = name.split('.').next().unwrap_or_default();
+                    if !kept.contains(owner) {
                         let _ = std::fs::remove_file(log.path());
                     }
                 }

@@ -2,6 +2,7 @@
 //! adds for the plugin.
 
 use super::*;
+use crate::model::CheckResult;
 
 impl Jobs {
     /// The push request's parameters and, after them, this server's ids of what is pushed
@@ -158,6 +159,38 @@ pub enum PushPlanError {
     NoTargetImage(String),
     /// The account names a provider that is not there (a broken store).
     NoProvider(String),
+    /// The target image did not pass its boot check, and the push does not say to go on.
+    BootCheckFailed {
+        target_image: Id,
+        result: CheckResult,
+    },
+}
+
+/// The push parameter that sends an image whose boot check failed all the same.
+pub const IGNORE_BOOT_CHECK: (&str, &str) = ("boot_check", "ignore");
+
+/// Refuses a plan that would push an image whose boot check failed or timed out, unless
+/// `parameters` hold [`IGNORE_BOOT_CHECK`]: an image that does not boot is no use in a
+/// cloud. Images never checked go as they always did.
+pub fn refuse_failed_checks(
+    plan: &PushPlan<'_>,
+    parameters: &[(String, String)],
+) -> Result<(), PushPlanError> {
+    let (name, value) = IGNORE_BOOT_CHECK;
+    if parameters.iter().any(|(n, v)| n == name && v == value) {
+        return Ok(());
+    }
+    for (_, _, ti) in plan {
+        if let Some(check) = ti.disk.as_ref().and_then(|d| d.check.as_ref())
+            && check.result != CheckResult::Passed
+        {
+            return Err(PushPlanError::BootCheckFailed {
+                target_image: ti.id,
+                result: check.result,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One push of a plan: the account, its provider, and the target image it gets.
@@ -243,6 +276,54 @@ mod tests {
             base_image: None,
             disk: None,
         }
+    }
+
+    #[test]
+    fn an_image_that_failed_its_boot_check_is_pushed_only_when_the_push_says_so() {
+        let accounts = [account(1, "acc", 1, &[7])];
+        let providers = [provider(1, "mock")];
+        let mut images = [target_image(1, "mock")];
+        let checked = |result| model::Disk {
+            blob: "b".into(),
+            format: model::DiskFormat::Raw,
+            size: 1,
+            virtual_size: 1,
+            firmware: Vec::new(),
+            packages: None,
+            check: Some(model::BootCheck {
+                result,
+                seconds: 30,
+                firmware: model::Firmware::Uefi,
+                detail: String::new(),
+            }),
+        };
+        let ignore = [(
+            IGNORE_BOOT_CHECK.0.to_owned(),
+            IGNORE_BOOT_CHECK.1.to_owned(),
+        )];
+        for (result, refused) in [
+            (CheckResult::Passed, false),
+            (CheckResult::Failed, true),
+            (CheckResult::TimedOut, true),
+        ] {
+            images[0].disk = Some(checked(result));
+            let plan = plan_push(&labels(&["acc"]), 7, &accounts, &providers, &images, |_| {
+                true
+            })
+            .expect("a plan");
+            assert_eq!(
+                refuse_failed_checks(&plan, &[]).is_err(),
+                refused,
+                "{result:?}"
+            );
+            assert!(refuse_failed_checks(&plan, &ignore).is_ok());
+        }
+        images[0].disk = None;
+        let plan = plan_push(&labels(&["acc"]), 7, &accounts, &providers, &images, |_| {
+            true
+        })
+        .expect("a plan");
+        assert!(refuse_failed_checks(&plan, &[]).is_ok());
     }
 
     fn labels(list: &[&str]) -> Vec<String> {

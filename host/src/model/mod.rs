@@ -275,6 +275,40 @@ pub struct Disk {
     /// The firmware the image boots with, when this server installed its OS; empty when
     /// that is not known (a blank disk, a base image from elsewhere).
     pub firmware: Vec<Firmware>,
+    /// How many packages its manifest lists (kept beside the build log), when this
+    /// server installed its OS.
+    pub packages: Option<u32>,
+    /// The boot check, when the build asked for one (`verify=boot`).
+    pub check: Option<BootCheck>,
+}
+
+/// A boot of the finished image in a virtual machine, to see it reach a login prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootCheck {
+    pub result: CheckResult,
+    /// How long the boot ran, in whole seconds.
+    pub seconds: u32,
+    /// The firmware it booted with.
+    pub firmware: Firmware,
+    /// What went wrong, with the console's last lines; empty when it passed.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckResult {
+    Passed,
+    Failed,
+    TimedOut,
+}
+
+impl CheckResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Passed => "passed",
+            CheckResult::Failed => "failed",
+            CheckResult::TimedOut => "timed out",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,9 @@
 //!
 //! Never imports axum, redb or wasmtime.
 
+pub mod boot;
 mod debian;
+pub mod manifest;
 mod refusal;
 pub mod run;
 pub mod sources;
@@ -56,6 +58,10 @@ pub struct Settings {
     /// Where installed trees, finished disks and downloaded packages are kept;
     /// `<data>/os-cache` when unset. Servers may share one.
     pub cache_dir: Option<PathBuf>,
+    /// The longest a boot check may wait for a login prompt.
+    pub boot_deadline: Duration,
+    /// Whether a build that does not say (`verify`) gets a boot check.
+    pub check_every_build: bool,
 }
 
 impl Default for Settings {
@@ -66,6 +72,8 @@ impl Default for Settings {
             command_deadline: Duration::from_secs(10 * 60),
             cache_limit: 20 << 30,
             cache_dir: None,
+            boot_deadline: Duration::from_secs(300),
+            check_every_build: false,
         }
     }
 }
@@ -89,6 +97,12 @@ impl InstallError {
     }
 }
 
+/// A finished install: the disk, shared through the cache, and what dpkg says it holds.
+pub struct Installed {
+    pub disk: PathBuf,
+    pub packages: Vec<manifest::Package>,
+}
+
 /// An install a template asks for, checked against what this server can do and allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -101,6 +115,13 @@ pub struct Plan {
 
 impl Plan {
     /// The firmware the installed disk boots with.
+    /// The mirror its packages come from.
+    pub fn mirror(&self) -> &str {
+        match &self.family {
+            Family::Debian(release) => release.mirror(),
+        }
+    }
+
     pub fn firmware(&self) -> Vec<Firmware> {
         match self.family {
             // systemd-boot in the EFI system partition, syslinux behind a GPT MBR.
@@ -162,7 +183,7 @@ fn own_binary() -> PathBuf {
 }
 
 /// The path of `program` on the server's PATH (or the usual system directories).
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
         .chain([
@@ -365,9 +386,37 @@ impl Installer {
     }
 
     /// Installs `plan` into a raw disk image, or finds the one an earlier build made from
-    /// the same plan, and returns its path. The file is shared: link or copy it, never
-    /// write to it.
+    /// the same plan, and answers it with the packages it holds. The file is shared: link
+    /// or copy it, never write to it.
     pub fn install(
+        &self,
+        plan: &Plan,
+        log: &Log,
+        progress: Progress,
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<Installed, InstallError> {
+        let disk = self.install_disk(plan, log, progress, stopped)?;
+        let work = self.work_dir()?;
+        let packages = manifest::read_packages(
+            &disk,
+            debian::ROOT_OFFSET,
+            &self.settings,
+            &work,
+            log,
+            stopped,
+        );
+        remove_all(&work);
+        let packages = packages?;
+        log.line(&format!("the image holds {} packages", packages.len()));
+        Ok(Installed { disk, packages })
+    }
+
+    /// The settings the installer was made with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn install_disk(
         &self,
         plan: &Plan,
         log: &Log,

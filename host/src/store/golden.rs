@@ -7,8 +7,9 @@
 
 use super::{Row, SealedAccount};
 use crate::model::{
-    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Firmware, Hook, Image, Job, JobKind,
-    Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
+    BaseImage, BootCheck, Build, CheckResult, Deletion, Disk, DiskFormat, Environment, Firmware,
+    Hook, Image, Job, JobKind, Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage,
+    User,
 };
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -196,6 +197,8 @@ fn target_images_v1() {
                 size: 123_456_789,
                 virtual_size: 10 << 30,
                 firmware: Vec::new(),
+                packages: None,
+                check: None,
             }),
         },
     );
@@ -218,6 +221,37 @@ fn target_images_v2() {
                 size: 123_456_789,
                 virtual_size: 10 << 30,
                 firmware: vec![Firmware::Uefi, Firmware::Bios],
+                packages: None,
+                check: None,
+            }),
+        },
+    );
+}
+
+#[test]
+fn target_images_v3() {
+    golden(
+        3,
+        TargetImage {
+            id: id(4),
+            build_id: id(3),
+            target: "openstack".into(),
+            progress: progress(Status::Complete),
+            parameters: vec![("verify".into(), "boot".into())],
+            base_image: None,
+            disk: Some(Disk {
+                blob: format!("sparse-sha256-{}", "ef".repeat(32)),
+                format: DiskFormat::Qcow2,
+                size: 987_654_321,
+                virtual_size: 10 << 30,
+                firmware: vec![Firmware::Uefi, Firmware::Bios],
+                packages: Some(312),
+                check: Some(BootCheck {
+                    result: CheckResult::TimedOut,
+                    seconds: 300,
+                    firmware: Firmware::Uefi,
+                    detail: "no login prompt within 300 s".into(),
+                }),
             }),
         },
     );

@@ -14,8 +14,9 @@
 //! changes nothing on disk.
 
 use crate::model::{
-    BaseImage, Build, Deletion, Disk, DiskFormat, Environment, Firmware, Hook, Id, Image, Job,
-    JobKind, Progress, Provider, ProviderImage, Quota, Role, Status, TargetImage, User,
+    BaseImage, BootCheck, Build, CheckResult, Deletion, Disk, DiskFormat, Environment, Firmware,
+    Hook, Id, Image, Job, JobKind, Progress, Provider, ProviderImage, Quota, Role, Status,
+    TargetImage, User,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -575,9 +576,85 @@ struct TargetImageV2 {
     disk: Option<DiskV2>,
 }
 
-impl From<&TargetImage> for TargetImageV2 {
+impl From<TargetImageV2> for TargetImage {
+    fn from(t: TargetImageV2) -> Self {
+        TargetImageV3 {
+            id: t.id,
+            build_id: t.build_id,
+            target: t.target,
+            progress: t.progress,
+            parameters: t.parameters,
+            base_image: t.base_image,
+            // What version 2 did not record is not known.
+            disk: t.disk.map(|d| DiskV3 {
+                blob: d.blob,
+                format: d.format,
+                size: d.size,
+                virtual_size: d.virtual_size,
+                firmware: d.firmware,
+                packages: None,
+                check: None,
+            }),
+        }
+        .into()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+enum CheckResultV1 {
+    Passed,
+    Failed,
+    TimedOut,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BootCheckV1 {
+    result: CheckResultV1,
+    seconds: u32,
+    firmware: FirmwareV1,
+    detail: String,
+}
+
+/// Version 3 adds the count of the manifest's packages and the boot check.
+#[derive(Serialize, Deserialize)]
+struct DiskV3 {
+    blob: String,
+    format: DiskFormatV1,
+    size: u64,
+    virtual_size: u64,
+    firmware: Vec<FirmwareV1>,
+    packages: Option<u32>,
+    check: Option<BootCheckV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TargetImageV3 {
+    id: Id,
+    build_id: Id,
+    target: String,
+    progress: ProgressV1,
+    parameters: Vec<(String, String)>,
+    base_image: Option<BaseImageV1>,
+    disk: Option<DiskV3>,
+}
+
+fn firmware_v1(f: Firmware) -> FirmwareV1 {
+    match f {
+        Firmware::Bios => FirmwareV1::Bios,
+        Firmware::Uefi => FirmwareV1::Uefi,
+    }
+}
+
+fn firmware_of(f: FirmwareV1) -> Firmware {
+    match f {
+        FirmwareV1::Bios => Firmware::Bios,
+        FirmwareV1::Uefi => Firmware::Uefi,
+    }
+}
+
+impl From<&TargetImage> for TargetImageV3 {
     fn from(t: &TargetImage) -> Self {
-        TargetImageV2 {
+        TargetImageV3 {
             id: t.id,
             build_id: t.build_id,
             target: t.target.clone(),
@@ -587,7 +664,7 @@ impl From<&TargetImage> for TargetImageV2 {
                 url: b.url.clone(),
                 digest: b.digest.clone(),
             }),
-            disk: t.disk.as_ref().map(|d| DiskV2 {
+            disk: t.disk.as_ref().map(|d| DiskV3 {
                 blob: d.blob.clone(),
                 format: match d.format {
                     DiskFormat::Raw => DiskFormatV1::Raw,
@@ -596,21 +673,25 @@ impl From<&TargetImage> for TargetImageV2 {
                 },
                 size: d.size,
                 virtual_size: d.virtual_size,
-                firmware: d
-                    .firmware
-                    .iter()
-                    .map(|f| match f {
-                        Firmware::Bios => FirmwareV1::Bios,
-                        Firmware::Uefi => FirmwareV1::Uefi,
-                    })
-                    .collect(),
+                firmware: d.firmware.iter().copied().map(firmware_v1).collect(),
+                packages: d.packages,
+                check: d.check.as_ref().map(|c| BootCheckV1 {
+                    result: match c.result {
+                        CheckResult::Passed => CheckResultV1::Passed,
+                        CheckResult::Failed => CheckResultV1::Failed,
+                        CheckResult::TimedOut => CheckResultV1::TimedOut,
+                    },
+                    seconds: c.seconds,
+                    firmware: firmware_v1(c.firmware),
+                    detail: c.detail.clone(),
+                }),
             }),
         }
     }
 }
 
-impl From<TargetImageV2> for TargetImage {
-    fn from(t: TargetImageV2) -> Self {
+impl From<TargetImageV3> for TargetImage {
+    fn from(t: TargetImageV3) -> Self {
         TargetImage {
             id: t.id,
             build_id: t.build_id,
@@ -630,14 +711,18 @@ impl From<TargetImageV2> for TargetImage {
                 },
                 size: d.size,
                 virtual_size: d.virtual_size,
-                firmware: d
-                    .firmware
-                    .into_iter()
-                    .map(|f| match f {
-                        FirmwareV1::Bios => Firmware::Bios,
-                        FirmwareV1::Uefi => Firmware::Uefi,
-                    })
-                    .collect(),
+                firmware: d.firmware.into_iter().map(firmware_of).collect(),
+                packages: d.packages,
+                check: d.check.map(|c| BootCheck {
+                    result: match c.result {
+                        CheckResultV1::Passed => CheckResult::Passed,
+                        CheckResultV1::Failed => CheckResult::Failed,
+                        CheckResultV1::TimedOut => CheckResult::TimedOut,
+                    },
+                    seconds: c.seconds,
+                    firmware: firmware_of(c.firmware),
+                    detail: c.detail,
+                }),
             }),
         }
     }
@@ -645,14 +730,15 @@ impl From<TargetImageV2> for TargetImage {
 
 impl Row for TargetImage {
     const TABLE: &'static str = "target images";
-    const VERSION: u8 = 2;
+    const VERSION: u8 = 3;
     fn encode(&self) -> Vec<u8> {
-        versioned(Self::VERSION, &TargetImageV2::from(self))
+        versioned(Self::VERSION, &TargetImageV3::from(self))
     }
     fn decode(bytes: &[u8]) -> Result<Self, RowError> {
         match version_of(bytes)? {
             (1, rest) => Ok(exactly::<TargetImageV1>(rest)?.into()),
             (2, rest) => Ok(exactly::<TargetImageV2>(rest)?.into()),
+            (3, rest) => Ok(exactly::<TargetImageV3>(rest)?.into()),
             (version, _) => Err(unknown_version(Self::TABLE, version, Self::VERSION)),
         }
     }

@@ -122,6 +122,7 @@ pub(super) async fn build(
     if base_image.is_none() {
         check_install(state.jobs.installer(), &plugins, &template, &targets)?;
     }
+    let parameters = with_verify(parameters, state.jobs.installer().settings())?;
 
     let image = Image {
         id: model::new_id(),
@@ -187,6 +188,41 @@ pub(super) async fn build(
     }
     doc.close("target_images").close("build").close("image");
     Ok(xml_ok(doc.finish()))
+}
+
+/// The build's `verify` parameter, checked: `boot` (boot the finished image to see it
+/// reach a login prompt) or `none`. Absent, it is the operator's default
+/// (`--verify`), written into the parameters so the build does what was decided now.
+fn with_verify(
+    mut parameters: Vec<(String, String)>,
+    settings: &crate::os::Settings,
+) -> ApiResult<Vec<(String, String)>> {
+    let mut given = parameters.iter().filter(|(name, _)| name == "verify");
+    let verify = match (given.next(), given.next()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::Incorrect(
+                "the parameter verify is given more than once".into(),
+            ));
+        }
+        (Some((_, value)), None) => value.clone(),
+        (None, _) if settings.check_every_build => {
+            parameters.push(("verify".into(), "boot".into()));
+            "boot".into()
+        }
+        (None, _) => return Ok(parameters),
+    };
+    match verify.as_str() {
+        "none" => Ok(parameters),
+        "boot" => match crate::os::boot::missing() {
+            None => Ok(parameters),
+            Some(missing) => Err(ApiError::Incorrect(format!(
+                "verify=boot was asked for, but {missing}"
+            ))),
+        },
+        other => Err(ApiError::Incorrect(format!(
+            "the parameter verify must be boot or none, not '{other}'"
+        ))),
+    }
 }
 
 /// What a build without a base image installs, checked now and refused with the reason

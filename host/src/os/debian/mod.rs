@@ -42,6 +42,9 @@ pub const TYPICAL_INSTALL: u64 = 2 << 30;
 /// The EFI system partition: kernel, initramfs and systemd-boot fit with room for two
 /// kernels.
 const ESP_MIB: u64 = 256;
+/// Where the root file system starts in the disk: after the first MiB (the GPT) and
+/// the EFI system partition.
+pub const ROOT_OFFSET: u64 = (1 + ESP_MIB) << 20;
 /// What every image gets: an init system, the UEFI boot loader, and fsck for its root.
 /// The kernel comes after them (see `install_tree`).
 const BASE_PACKAGES: &[&str] = &[
@@ -134,6 +137,10 @@ pub fn file_path(path: &str) -> Result<(), Refusal> {
 }
 
 impl Release {
+    pub fn mirror(&self) -> &str {
+        &self.mirror
+    }
+
     pub fn title(&self) -> String {
         format!("Debian {} ({}) x86_64", self.version, self.suite)
     }

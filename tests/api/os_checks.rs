@@ -1,0 +1,244 @@
+//! What is in an installed image and whether it boots: a Debian build with
+//! `verify=boot` passes its check, and its SBOM lists what dpkg has in the image (read
+//! by the test from the image itself) and passes SPDX's own validator; an image whose
+//! kernel the template's commands break fails its check with the console's last lines,
+//! and a push of it is refused unless the push says otherwise; a check is a stage of
+//! its own (percent and activity) and a cancel ends it.
+//!
+//! The validator is spdx-tools from PyPI, in the virtualenv tests/emulators/up.sh makes
+//! (CONDUCTOR_TEST_SPDX names its `pyspdxtools`).
+
+use crate::client::conductor;
+use crate::harness::{Server, build_request};
+use crate::os_builds::{
+    BUILD_LIMIT, TURN, cache, debian, download_to, machine_mirror, processes_running,
+    read_in_image, start,
+};
+use std::collections::BTreeSet;
+
+fn validator() -> String {
+    std::env::var("CONDUCTOR_TEST_SPDX").expect(
+        "CONDUCTOR_TEST_SPDX names spdx-tools' pyspdxtools; run the tests with tests/run.sh, \
+         which makes it (tests/emulators/up.sh)",
+    )
+}
+
+const VERIFY: &str = "<parameters><parameter name='verify'>boot</parameter></parameters>";
+
+/// Posts a build with a boot check and answers its one target image's path.
+async fn checked_build(server: &Server, template: &str) -> String {
+    let reply = server
+        .post("/api/images", &build_request("mock", template, VERIFY))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    format!("/api/target_images/{}", reply.ids("target_image")[0])
+}
+
+/// `(name, version)` of every package dpkg's status file marks installed.
+fn installed(status: &str) -> BTreeSet<(String, String)> {
+    status
+        .split("\n\n")
+        .filter(|stanza| stanza.lines().any(|l| l == "Status: install ok installed"))
+        .filter_map(|stanza| {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            Some((field("Package:")?, field("Version:")?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir.path().join("data"));
+    let template = debian(
+        "checked",
+        &machine_mirror(),
+        "<packages><package name='hello'/></packages>",
+    );
+    let ti = checked_build(&server, &template).await;
+    let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let doc = done.doc();
+    let element = |name: &str| {
+        doc.descendants()
+            .find(|n| n.has_tag_name(name))
+            .unwrap_or_else(|| panic!("<{name}> in {}", done.body))
+    };
+    let check = element("boot_check");
+    assert_eq!(check.attribute("result"), Some("passed"), "{}", done.body);
+    assert_eq!(check.attribute("firmware"), Some("uefi"));
+    assert!(
+        done.text("activity").contains("the boot check passed"),
+        "{}",
+        done.body
+    );
+    let console = server.get(&format!("{ti}/console")).await;
+    assert_eq!(console.status, 200);
+    assert!(console.body.contains("login:"), "{}", console.body);
+    let log = server.get(&format!("{ti}/log")).await.body;
+    assert!(log.contains("== the boot check passed"), "{log}");
+
+    // The SBOM: what dpkg has in the image, as the test reads it from the image.
+    let sbom = server.get(&format!("{ti}/sbom")).await;
+    assert_eq!(sbom.status, 200, "{}", sbom.body);
+    let document: serde_json::Value = serde_json::from_str(&sbom.body).expect("JSON");
+    let listed: BTreeSet<(String, String)> = document["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Image")
+        .map(|p| {
+            (
+                p["name"].as_str().expect("name").to_owned(),
+                p["versionInfo"].as_str().expect("version").to_owned(),
+            )
+        })
+        .collect();
+    let image = dir.path().join("image.raw");
+    download_to(&server, &ti, &image).await;
+    let in_image = installed(&read_in_image(&image, "/var/lib/dpkg/status"));
+    assert!(in_image.len() > 100, "{in_image:?}");
+    assert_eq!(listed, in_image);
+    assert!(listed.iter().any(|(name, _)| name == "hello"));
+    assert_eq!(
+        element("sbom").attribute("packages"),
+        Some(listed.len().to_string().as_str())
+    );
+    let comment = document["creationInfo"]["comment"]
+        .as_str()
+        .expect("comment");
+    assert!(
+        comment.contains(&machine_mirror()) && comment.contains("<name>checked</name>"),
+        "{comment}"
+    );
+
+    // SPDX's own validator accepts it.
+    let file = dir.path().join("sbom.spdx.json");
+    std::fs::write(&file, &sbom.body).expect("write the SBOM");
+    let validated = std::process::Command::new(validator())
+        .arg("-i")
+        .arg(&file)
+        .output()
+        .expect("run pyspdxtools");
+    assert!(
+        validated.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&validated.stdout),
+        String::from_utf8_lossy(&validated.stderr)
+    );
+
+    // The command line compares two images package by package.
+    let id = ti.rsplit('/').next().expect("id");
+    let diff = conductor(&server, &["image", "diff", id, id]);
+    let said = String::from_utf8_lossy(&diff.stdout);
+    assert!(diff.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("hold the same {} packages", listed.len())),
+        "{said}"
+    );
+}
+
+#[tokio::test]
+async fn an_image_whose_kernel_is_broken_fails_its_check_and_is_not_pushed() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A short deadline: the broken image never reaches a prompt.
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--os-cache", &cache(), "--boot-check-timeout", "60"],
+    );
+    let template = debian(
+        "broken",
+        &machine_mirror(),
+        "<packages><package name='hello'/></packages>\
+         <commands><command name='break'>for k in /boot/vmlinuz-*; do echo not a kernel > \"$k\"; done</command></commands>",
+    );
+    let ti = checked_build(&server, &template).await;
+    let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
+    // The image is built and kept; its check says it does not boot.
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let doc = done.doc();
+    let check = doc
+        .descendants()
+        .find(|n| n.has_tag_name("boot_check"))
+        .expect("boot_check");
+    let result = check.attribute("result").expect("result");
+    assert!(result == "failed" || result == "timed out", "{}", done.body);
+    let detail = check.text().unwrap_or_default();
+    assert!(detail.contains("last lines"), "{detail}");
+    // The lines quoted are the console's own (served whole at …/console).
+    let console = server.get(&format!("{ti}/console")).await.body;
+    let quoted: Vec<&str> = detail.lines().skip(1).filter(|l| l.len() > 10).collect();
+    assert!(
+        quoted.iter().any(|line| console.contains(line)),
+        "{detail}\n----\n{console}"
+    );
+
+    // A push of it is refused, unless the push says to go on.
+    let id = ti.rsplit('/').next().expect("id");
+    let push = |extra: &str| {
+        format!(
+            "<provider_image><provider_account>mock-acc</provider_account>\
+             <target_image_id>{id}</target_image_id>{extra}</provider_image>"
+        )
+    };
+    let refused = server.post("/api/provider_images", &push("")).await;
+    let message = refused.assert_error(400, "ParameterDataIncorrect");
+    assert!(message.contains("boot check"), "{message}");
+    assert!(
+        server
+            .get("/api/provider_images")
+            .await
+            .ids("provider_image")
+            .is_empty()
+    );
+    let forced = server
+        .post(
+            "/api/provider_images",
+            &push("<parameters><parameter name='boot_check'>ignore</parameter></parameters>"),
+        )
+        .await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+}
+
+#[tokio::test]
+async fn a_boot_check_is_a_stage_of_its_own_and_a_cancel_ends_it() {
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir.path().join("data"));
+    let template = debian(
+        "cancelled",
+        &machine_mirror(),
+        "<packages><package name='hello'/></packages>",
+    );
+    let ti = checked_build(&server, &template).await;
+    server
+        .wait_for_activity(&ti, "booting the image to check it", BUILD_LIMIT)
+        .await;
+    let during = server.get(&ti).await;
+    let percent: u8 = during.text("percent_complete").parse().expect("percent");
+    assert!((90..100).contains(&percent), "{}", during.body);
+    let cancel = server.post(&format!("{ti}/cancel"), "").await;
+    assert!((200..300).contains(&cancel.status), "{}", cancel.body);
+    assert_eq!(
+        server
+            .wait_terminal_within(&ti, BUILD_LIMIT)
+            .await
+            .text("status"),
+        "CANCELLED"
+    );
+    crate::harness::eventually(
+        std::time::Duration::from_secs(10),
+        async || match processes_running("file=/check/disk").as_slice() {
+            [] => Ok(()),
+            left => Err(format!("qemu still runs: {left:?}")),
+        },
+    )
+    .await;
+}
