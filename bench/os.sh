@@ -2,7 +2,8 @@
 # OS builds: a cold build of a minimal Debian 12 image through the server against
 # mmdebstrap and the same disk steps run directly (same package set, same run, both
 # with an empty package cache), a warm build (same OS and packages, other files and
-# commands), and a boot of the image under qemu (TCG, UEFI) to a marker on its console.
+# commands), a boot of the image under qemu (TCG, UEFI) to a marker on its console, and
+# a warm build with the server's boot check (verify=boot).
 # Prints one line per figure; BENCHMARKS.md records a run.
 #
 #   bench/os.sh            (bench/run.sh runs it too)
@@ -61,12 +62,12 @@ DATA=$WORK/data
 CONDUCTOR_ADMIN_PASSWORD=bench "$BIN" serve --listen 127.0.0.1:3917 --data "$DATA" \
   >"$WORK/server.log" 2>&1 & echo $! > "$WORK/pid"
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:3917/healthz >/dev/null && break; sleep 0.2; done
-build() { # $1: template name, $2: file content, $3: command; prints seconds to COMPLETE
+build() { # $1: template name, $2: file content, $3: command, $4: more of the request; prints seconds to COMPLETE
   local tdl="<template><name>$1</name><os><name>Debian</name><version>12</version><arch>x86_64</arch><install type='url'><url>$MIRROR</url></install></os><files><file name='/etc/motd'>$2</file></files><commands><command name='c'>$3</command></commands><disk><size>2G</size></disk></template>"
   local start ti status
   start=$(now)
   ti=$(curl -sf -u admin:bench -X POST http://127.0.0.1:3917/api/images \
-         -d "<image><targets>mock</targets><tdl>$tdl</tdl></image>" | grep -oE 'target_image href="[^"]*"' | grep -oE 'http[^"]*')
+         -d "<image><targets>mock</targets><tdl>$tdl</tdl>${4:-}</image>" | grep -oE 'target_image href="[^"]*"' | grep -oE 'http[^"]*')
   while :; do
     status=$(curl -sf -u admin:bench "$ti" | grep -oE '<status>[A-Z]+' | cut -c9-)
     case $status in COMPLETE) break;; FAILED|CANCELLED) echo "build $1 $status" >&2; exit 1;; esac
@@ -94,6 +95,12 @@ done
 boot=$(secs "$t0" "$(now)")
 kill $qemu
 
+# --- a warm build with the server's boot check --------------------------------------------
+checked=$(build checked "checked $(date +%s)" 'true' "<parameters><parameter name='verify'>boot</parameter></parameters>")
+check=$(curl -sf -u admin:bench "$(cat "$WORK/last")" | grep -oE '<boot_check [^>]*' )
+check_result=$(echo "$check" | grep -oE 'result="[^"]*"' | cut -d'"' -f2)
+check_secs=$(echo "$check" | grep -oE 'seconds="[0-9]+"' | cut -d'"' -f2)
+
 ratio=$(echo "scale=2; $cold / $direct" | bc)
 quarter=$(echo "scale=2; $warm / $cold" | bc)
 printf 'os cold build        %6.1f s   direct mmdebstrap + disk steps %6.1f s   ratio %s   budget 1.15  %s\n' \
@@ -102,3 +109,4 @@ printf 'os warm build        %6.1f s   of cold %s   budget < 30 s and < 0.25  %s
   "$warm" "$quarter" "$( [ "$(echo "$warm < 30 && $quarter < 0.25" | bc)" = 1 ] && echo met || echo MISSED)"
 printf 'os build with a unit %6.1f s   (warm)\n' "$marker"
 printf 'os boot to marker    %6.1f s   qemu TCG, UEFI, 1 vCPU\n' "$boot"
+printf 'os checked build     %6.1f s   (warm) of which the boot check %s s, %s\n' "$checked" "$check_secs" "$check_result"
