@@ -85,6 +85,19 @@ pub(crate) async fn build(server: &Server, targets: &str, template: &str) -> Str
     format!("/api/target_images/{}", reply.ids("target_image")[0])
 }
 
+/// Cancels a running build and waits until it says CANCELLED.
+pub(crate) async fn cancel(server: &Server, ti: &str) {
+    let cancel = server.post(&format!("{ti}/cancel"), "").await;
+    assert!((200..300).contains(&cancel.status), "{}", cancel.body);
+    assert_eq!(
+        server
+            .wait_terminal_within(ti, BUILD_LIMIT)
+            .await
+            .text("status"),
+        "CANCELLED"
+    );
+}
+
 /// Streams a target image to a file.
 pub(crate) async fn download_to(server: &Server, ti: &str, path: &Path) {
     use tokio::io::AsyncWriteExt;
@@ -371,15 +384,7 @@ async fn cancel_during_an_install_leaves_no_process_and_no_work_directory() {
         }
     })
     .await;
-    let cancel = server.post(&format!("{ti}/cancel"), "").await;
-    assert!((200..300).contains(&cancel.status), "{}", cancel.body);
-    assert_eq!(
-        server
-            .wait_terminal_within(&ti, BUILD_LIMIT)
-            .await
-            .text("status"),
-        "CANCELLED"
-    );
+    cancel(&server, &ti).await;
     eventually(Duration::from_secs(10), async || {
         let left = processes_running("sleep 6011");
         if left.is_empty() && is_empty_dir(&data.join("os-work")) {

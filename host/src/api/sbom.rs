@@ -27,17 +27,9 @@ pub async fn sbom(
         why: "only an image whose OS this server installed has one",
     };
     let path = state.jobs.paths().manifest(ti.id);
-    let manifest = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice::<Manifest>(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?
-    .ok_or_else(not_recorded)?;
+    let bytes = read_kept(path.clone()).await?.ok_or_else(not_recorded)?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
     if manifest.version != Manifest::VERSION {
         return Err(ApiError::internal(format!(
             "the manifest of {} is of version {}, which this server does not read",
@@ -70,21 +62,25 @@ pub async fn console(
     Path(raw): Path<String>,
 ) -> ApiResult {
     let ti = find(&state, &user, &raw).await?;
-    let path = state.jobs.paths().console(ti.id);
-    let text = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+    let text = read_kept(state.jobs.paths().console(ti.id))
+        .await?
+        .ok_or_else(|| ApiError::NotRecorded {
+            id: raw.clone(),
+            what: "boot console",
+            why: "only a build with verify=boot has one",
+        })?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// A file kept beside a build log, or `None` when the build made none.
+async fn read_kept(path: std::path::PathBuf) -> ApiResult<Option<Vec<u8>>> {
+    tokio::task::spawn_blocking(move || match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(ApiError::internal(format!("{}: {e}", path.display()))),
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?
-    .ok_or_else(|| ApiError::NotRecorded {
-        id: raw.clone(),
-        what: "boot console",
-        why: "only a build with verify=boot has one",
-    })?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 /// The SPDX 2.3 document of a manifest: the image as the package the document
