@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 
 /// What a booted Debian prints on its serial console once it is up.
 pub const LOGIN_PROMPT: &str = "login:";
+/// What the console shows when a boot has failed for good, though the machine goes on
+/// running: the firmware fell back to its shell or found no disk to boot, or the kernel
+/// panicked (which waits forever). The check ends there instead of at its deadline.
+const GAVE_UP: &[&str] = &[
+    "UEFI Interactive Shell",
+    "No bootable device",
+    "Kernel panic - not syncing",
+];
 /// UEFI firmware for x86_64 (Debian's `ovmf`): code, and the variables each boot copies.
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -256,6 +264,7 @@ fn boot(
         read: 0,
         recent: String::new(),
         found: false,
+        gave_up: None,
         too_large: false,
         progress,
         reported: 0,
@@ -266,7 +275,7 @@ fn boot(
         }
         let mut watch = watch.borrow_mut();
         watch.look(started.elapsed(), deadline);
-        watch.found || watch.too_large
+        watch.found || watch.gave_up.is_some() || watch.too_large
     });
     let seconds = started.elapsed().as_secs().try_into().unwrap_or(u32::MAX);
     let watch = watch.into_inner();
@@ -281,6 +290,13 @@ fn boot(
     let tail = console_tail(&console);
     match result {
         _ if watch.found => outcome(CheckResult::Passed, String::new()),
+        Err(StepError::Stopped) if watch.gave_up.is_some() => outcome(
+            CheckResult::Failed,
+            format!(
+                "the boot failed (the console says \"{}\"); its last lines:\n{tail}",
+                watch.gave_up.unwrap_or_default()
+            ),
+        ),
         Err(StepError::Stopped) if watch.too_large => outcome(
             CheckResult::Failed,
             format!(
@@ -312,6 +328,8 @@ struct Watch<'a> {
     /// The end of what was read, so a prompt split between two reads is still seen.
     recent: String,
     found: bool,
+    /// The sign of a failed boot the console showed, if it did.
+    gave_up: Option<&'static str>,
     too_large: bool,
     progress: Progress<'a>,
     reported: u8,
@@ -345,7 +363,18 @@ impl Watch<'_> {
         if self.recent.contains(LOGIN_PROMPT) {
             self.found = true;
         }
-        let keep = self.recent.len().saturating_sub(LOGIN_PROMPT.len());
+        if self.gave_up.is_none() {
+            self.gave_up = GAVE_UP
+                .iter()
+                .copied()
+                .find(|sign| self.recent.contains(sign));
+        }
+        // Enough is kept for the longest sign split between two reads.
+        let longest = GAVE_UP.iter().map(|s| s.len()).max().unwrap_or(0);
+        let keep = self
+            .recent
+            .len()
+            .saturating_sub(longest.max(LOGIN_PROMPT.len()));
         let keep = (keep..=self.recent.len())
             .find(|&i| self.recent.is_char_boundary(i))
             .unwrap_or(self.recent.len());
@@ -393,6 +422,43 @@ fn plain(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_is_followed_for_a_prompt_or_a_boot_that_gave_up() {
+        let dir = tempfile::tempdir().expect("dir");
+        let console = dir.path().join("console");
+        let mut reports = Vec::new();
+        let mut progress = |percent: u8, _: &str| reports.push(percent);
+        let mut watch = Watch {
+            console: &console,
+            read: 0,
+            recent: String::new(),
+            found: false,
+            gave_up: None,
+            too_large: false,
+            progress: &mut progress,
+            reported: 0,
+        };
+        let deadline = Duration::from_secs(100);
+        // A sign split between two reads is still seen.
+        std::fs::write(&console, "BdsDxe: starting\r\nUEFI Interactive").expect("write");
+        watch.look(Duration::from_secs(10), deadline);
+        assert_eq!(watch.gave_up, None);
+        std::fs::write(&console, "BdsDxe: starting\r\nUEFI Interactive Shell v2.2").expect("write");
+        watch.look(Duration::from_secs(20), deadline);
+        assert_eq!(watch.gave_up, Some("UEFI Interactive Shell"));
+        assert!(!watch.found);
+        let mut more = std::fs::read(&console).expect("read");
+        more.extend_from_slice(b"\r\nlocalhost log");
+        std::fs::write(&console, &more).expect("write");
+        watch.look(Duration::from_secs(30), deadline);
+        more.extend_from_slice(b"in: ");
+        std::fs::write(&console, &more).expect("write");
+        watch.look(Duration::from_secs(40), deadline);
+        assert!(watch.found);
+        drop(watch);
+        assert_eq!(reports, [10, 20, 30, 40]);
+    }
 
     #[test]
     fn the_console_tail_is_plain_text() {
