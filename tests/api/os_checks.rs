@@ -1,9 +1,10 @@
 //! What is in an installed image and whether it boots: a Debian build with
-//! `verify=boot` passes its check, and its SBOM lists what dpkg has in the image (read
-//! by the test from the image itself) and passes SPDX's own validator; an image whose
-//! kernel the template's commands break fails its check (the firmware gives up) with the
-//! console's last lines, and a push of it is refused unless the push says otherwise; a
-//! check is a stage of its own (percent and activity) and a cancel ends it.
+//! `verify=boot` passes its check (UEFI, and BIOS for the same disk given as a base
+//! image), and its SBOM lists what dpkg has in the image (read by the test from the
+//! image itself) and passes SPDX's own validator; an image whose kernel the template's
+//! commands break fails its check (the firmware gives up) with the console's last
+//! lines, and a push of it is refused unless the push says otherwise; a check is a
+//! stage of its own (percent and activity) and a cancel ends it.
 //!
 //! The validator is spdx-tools from PyPI, in the virtualenv tests/emulators/up.sh makes
 //! (CONDUCTOR_TEST_SPDX names its `pyspdxtools`).
@@ -55,7 +56,13 @@ fn installed(status: &str) -> BTreeSet<(String, String)> {
 async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
     let _turn = TURN.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(&dir.path().join("data"));
+    let import = dir.path().join("import");
+    std::fs::create_dir_all(&import).expect("import dir");
+    let import_arg = import.display().to_string();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--os-cache", &cache(), "--import-dir", &import_arg],
+    );
     let template = debian(
         "checked",
         &machine_mirror(),
@@ -100,7 +107,7 @@ async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
             )
         })
         .collect();
-    let image = dir.path().join("image.raw");
+    let image = import.join("image.raw");
     download_to(&server, &ti, &image).await;
     let in_image = installed(&read_in_image(&image, "/var/lib/dpkg/status"));
     assert!(in_image.len() > 100, "{in_image:?}");
@@ -132,6 +139,37 @@ async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
         String::from_utf8_lossy(&validated.stdout),
         String::from_utf8_lossy(&validated.stderr)
     );
+
+    // An image whose firmware the server does not know (a base image from elsewhere)
+    // is checked with the PC BIOS: the same disk boots through syslinux.
+    let reply = server
+        .post(
+            "/api/images",
+            &build_request(
+                "mock",
+                &crate::harness::template("from-base"),
+                &format!(
+                    "<base_image>file://{}</base_image>{VERIFY}",
+                    image.display()
+                ),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let from_base = format!("/api/target_images/{}", reply.ids("target_image")[0]);
+    let done = server.wait_terminal_within(&from_base, BUILD_LIMIT).await;
+    let doc = done.doc();
+    let check = doc
+        .descendants()
+        .find(|n| n.has_tag_name("boot_check"))
+        .expect("boot_check");
+    assert_eq!(check.attribute("result"), Some("passed"), "{}", done.body);
+    assert_eq!(check.attribute("firmware"), Some("bios"));
+    // No manifest: the server did not install this image's OS.
+    server
+        .get(&format!("{from_base}/sbom"))
+        .await
+        .assert_error(404, "NotRecorded");
 
     // The command line compares two images package by package.
     let id = ti.rsplit('/').next().expect("id");
