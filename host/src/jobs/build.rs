@@ -340,18 +340,22 @@ impl Jobs {
         ));
         let mut context =
             self.progress_context_from(ti.id, JobKind::Build, CHECK_PERCENT..=99, PROGRESS_EVERY);
-        let checked = os::boot::check(
+        let check_dir = work.join("check");
+        let machine = os::boot::Machine {
             image,
             format,
             firmware,
-            self.installer.settings().boot_deadline,
-            &work.join("check"),
+            deadline: self.installer.settings().boot_deadline,
+            work: &check_dir,
+        };
+        let checked = os::boot::check(
+            &machine,
             log,
             &mut |percent, activity| (context.progress)(percent, activity),
             &|| stop.reason().is_some(),
         );
         // The console stays with the target image, whatever the check found.
-        let console = work.join("check").join("console");
+        let console = check_dir.join("console");
         if console.exists() {
             std::fs::copy(&console, self.paths.console(ti.id))
                 .map_err(|e| JobError::Io(format!("keeping the boot console: {e}")))?;

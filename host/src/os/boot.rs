@@ -3,9 +3,9 @@
 //!
 //! qemu runs in bubblewrap with every namespace of its own (no network), as an
 //! unprivileged user with no capabilities, seeing only `/usr` (read-only), the image
-//! (read-only: writes go to a temporary overlay in the sandbox's `/tmp`) and the check's
-//! folder, where the console is written. The guest has no network card. KVM is used
-//! when `/dev/kvm` opens, TCG (emulation) otherwise. A cancel, a shutdown or the
+//! (read-only: writes go to a temporary file in the sandbox's own `/var/tmp`) and the
+//! check's folder, where the console is written. The guest has no network card. KVM is
+//! used when it runs a guest, TCG (emulation) otherwise. A cancel, a shutdown or the
 //! deadline kills the whole process group (`run.rs`).
 
 use super::run::{Log, Step, StepError, run};
@@ -64,35 +64,23 @@ pub fn firmware_for(image: &[Firmware]) -> Firmware {
     }
 }
 
-/// Boots `image` (a file of `format`) with `firmware` until the console shows
-/// [`LOGIN_PROMPT`], qemu stops, or `deadline` passes. The console is written to
-/// `work/console`. `progress` gets the share of the deadline used, 0 to 99.
+/// Boots the machine's image until the console shows [`LOGIN_PROMPT`] or that the boot
+/// gave up ([`GAVE_UP`]), qemu stops, or the deadline passes. The console is written
+/// to `work/console`. `progress` gets the share of the deadline used, 0 to 99.
 ///
 /// KVM is used when it works. A `/dev/kvm` that opens may still not run a guest (nested
 /// virtualisation done in software fails on the first model-specific register): qemu
 /// then stops before the guest printed anything, and the check runs again with TCG, as
 /// every later check on this server does.
-#[allow(clippy::too_many_arguments)]
 pub fn check(
-    image: &Path,
-    format: DiskFormat,
-    firmware: Firmware,
-    deadline: Duration,
-    work: &Path,
+    machine: &Machine,
     log: &Log,
     progress: Progress,
     stopped: &dyn Fn() -> bool,
 ) -> Result<BootCheck, InstallError> {
-    let machine = Machine {
-        image,
-        format,
-        firmware,
-        deadline,
-        work,
-    };
     let kvm = Path::new("/dev/kvm").exists() && !KVM_UNUSABLE.load(Ordering::Relaxed);
     if kvm {
-        match boot(&machine, true, log, &mut *progress, stopped) {
+        match boot(machine, true, log, &mut *progress, stopped) {
             Err(Boot::DidNotStart(e)) => {
                 log.line(&format!(
                     "KVM does not run the guest here ({e}); booting with TCG (emulation)"
@@ -102,19 +90,22 @@ pub fn check(
             other => return other.map_err(Boot::into_error),
         }
     }
-    boot(&machine, false, log, progress, stopped).map_err(Boot::into_error)
+    boot(machine, false, log, progress, stopped).map_err(Boot::into_error)
 }
 
 /// Set once KVM failed to run a guest: later checks go straight to TCG.
 static KVM_UNUSABLE: AtomicBool = AtomicBool::new(false);
 
-/// What one boot is of.
-struct Machine<'a> {
-    image: &'a Path,
-    format: DiskFormat,
-    firmware: Firmware,
-    deadline: Duration,
-    work: &'a Path,
+/// What a check boots, and where.
+pub struct Machine<'a> {
+    /// The image, a file of `format`.
+    pub image: &'a Path,
+    pub format: DiskFormat,
+    pub firmware: Firmware,
+    /// The longest the check waits for a prompt.
+    pub deadline: Duration,
+    /// The check's own folder: the console, the UEFI variables.
+    pub work: &'a Path,
 }
 
 /// Why a boot gave no result.
