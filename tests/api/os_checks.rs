@@ -180,6 +180,10 @@ async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
         said.contains(&format!("hold the same {} packages", listed.len())),
         "{said}"
     );
+    let diff = conductor(&server, &["--output", "json", "image", "diff", id, id]);
+    assert!(diff.status.success());
+    let changes: serde_json::Value = serde_json::from_slice(&diff.stdout).expect("JSON");
+    assert_eq!(changes, serde_json::json!([]));
 }
 
 #[tokio::test]

@@ -90,7 +90,18 @@ pub async fn image(connection: &Connection, command: ImageCommand) -> anyhow::Re
             let left = packages(&client.get_json(&format!("/target_images/{a}/sbom")).await?);
             let right = packages(&client.get_json(&format!("/target_images/{b}/sbom")).await?);
             let rows = package_changes(&left, &right);
-            if rows.is_empty() {
+            if client.output != Output::Table {
+                // For scripts: one object per difference, none when they agree.
+                let changes: Vec<Value> = rows
+                    .iter()
+                    .map(|row| {
+                        serde_json::json!({
+                            "change": row[0], "package": row[1], "a": row[2], "b": row[3],
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&changes)?);
+            } else if rows.is_empty() {
                 println!("{a} and {b} hold the same {} packages", left.len());
             } else {
                 table(&["", "package", &a, &b], &rows);

@@ -110,7 +110,8 @@ pub enum ImageCommand {
     /// Delete an image, its builds, and its provider images on the providers.
     Delete { id: String },
     /// Compare the packages of two target images (from their SBOMs): what only one
-    /// holds, and what both hold in other versions.
+    /// holds (`-`, `+`), and what both hold in other versions (`~`). `--output json`
+    /// (or xml) prints the differences as a JSON list.
     Diff {
         /// The first target image id.
         a: String,
