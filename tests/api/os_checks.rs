@@ -279,3 +279,54 @@ async fn a_boot_check_is_a_stage_of_its_own_and_a_cancel_ends_it() {
     )
     .await;
 }
+
+/// The operator's default (`--verify boot`) checks builds that have something to boot;
+/// a check asked of a blank disk is refused, and the default leaves blank disks alone.
+/// A base image that is not bootable fails its check as soon as the PC BIOS says so.
+#[tokio::test]
+async fn the_operators_default_checks_what_can_boot_and_a_blank_disk_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let import = dir.path().join("import");
+    let import_arg = import.display().to_string();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--verify", "boot", "--import-dir", &import_arg],
+    );
+    // Fedora 14 is not an OS this server installs: the mock target builds a blank disk.
+    let blank = crate::harness::template("blank");
+    let refused = server
+        .post("/api/images", &build_request("mock", &blank, VERIFY))
+        .await;
+    let message = refused.assert_error(400, "ParameterDataIncorrect");
+    assert!(
+        message.contains("verify=boot needs an image with an operating system"),
+        "{message}"
+    );
+    let reply = server
+        .post("/api/images", &build_request("mock", &blank, ""))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ti = format!("/api/target_images/{}", reply.ids("target_image")[0]);
+    let done = server.wait_terminal(&ti).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    assert!(!done.body.contains("boot_check"), "{}", done.body);
+
+    // A base image gets the default check; this one holds no boot loader.
+    let base = crate::harness::base_image(&import);
+    let reply = server
+        .post("/api/images", &build_request("mock", &blank, &base))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ti = format!("/api/target_images/{}", reply.ids("target_image")[0]);
+    let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
+    assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
+    let doc = done.doc();
+    let check = doc
+        .descendants()
+        .find(|n| n.has_tag_name("boot_check"))
+        .expect("boot_check");
+    assert_eq!(check.attribute("result"), Some("failed"), "{}", done.body);
+    assert_eq!(check.attribute("firmware"), Some("bios"));
+    let detail = check.text().unwrap_or_default();
+    assert!(detail.contains("No bootable device"), "{detail}");
+}

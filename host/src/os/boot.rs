@@ -166,6 +166,16 @@ fn boot(
     .into_iter()
     .map(str::to_owned)
     .collect();
+    if firmware == Firmware::Bios {
+        // SeaBIOS prints on the screen only, unless told a serial port: then a disk it
+        // cannot boot ("No bootable device") shows on the console like the rest.
+        std::fs::write(work.join("sercon"), 0x3f8u16.to_le_bytes())
+            .map_err(|e| io("writing the BIOS's serial setting", e))?;
+        qemu.extend([
+            "-fw_cfg".into(),
+            "name=etc/sercon-port,file=/check/sercon".into(),
+        ]);
+    }
     if firmware == Firmware::Uefi {
         std::fs::copy(OVMF_VARS, work.join("vars.fd"))
             .map_err(|e| io("copying the UEFI variables", e))?;

@@ -119,10 +119,12 @@ pub(super) async fn build(
     if let Some(target) = unknown {
         return Err(ApiError::TargetNotFound(target));
     }
-    if base_image.is_none() {
-        check_install(state.jobs.installer(), &plugins, &template, &targets)?;
-    }
-    let parameters = with_verify(parameters, state.jobs.installer().settings())?;
+    // Something to boot: an OS this server installs, or a base image from elsewhere.
+    let bootable = match base_image {
+        Some(_) => true,
+        None => check_install(state.jobs.installer(), &plugins, &template, &targets)?,
+    };
+    let parameters = with_verify(parameters, state.jobs.installer(), bootable)?;
 
     let image = Image {
         id: model::new_id(),
@@ -191,12 +193,16 @@ pub(super) async fn build(
 }
 
 /// The build's `verify` parameter, checked: `boot` (boot the finished image to see it
-/// reach a login prompt) or `none`. Absent, it is the operator's default
-/// (`--verify`), written into the parameters so the build does what was decided now.
+/// reach a login prompt) or `none`. A boot check needs something to boot (`bootable`:
+/// an OS this server installs, or a base image); a blank disk would only fail it.
+/// Absent, it is the operator's default (`--verify`) for builds that have something to
+/// boot, written into the parameters so the build does what was decided now.
 fn with_verify(
     mut parameters: Vec<(String, String)>,
-    settings: &crate::os::Settings,
+    installer: &crate::os::Installer,
+    bootable: bool,
 ) -> ApiResult<Vec<(String, String)>> {
+    let settings = installer.settings();
     let mut given = parameters.iter().filter(|(name, _)| name == "verify");
     let verify = match (given.next(), given.next()) {
         (Some(_), Some(_)) => {
@@ -205,7 +211,7 @@ fn with_verify(
             ));
         }
         (Some((_, value)), None) => value.clone(),
-        (None, _) if settings.check_every_build => {
+        (None, _) if settings.check_every_build && bootable => {
             parameters.push(("verify".into(), "boot".into()));
             "boot".into()
         }
@@ -213,6 +219,12 @@ fn with_verify(
     };
     match verify.as_str() {
         "none" => Ok(parameters),
+        "boot" if !bootable => Err(ApiError::Incorrect(format!(
+            "verify=boot needs an image with an operating system to boot: this server \
+             installs {}, and builds a blank disk for any other OS unless the request gives \
+             a <base_image>",
+            installer.installable()
+        ))),
         "boot" => match crate::os::boot::missing() {
             None => Ok(parameters),
             Some(missing) => Err(ApiError::Incorrect(format!(
@@ -229,13 +241,14 @@ fn with_verify(
 /// rather than failed later: an OS this server installs must come from a mirror the
 /// operator allows, with the packages each target needs, in a disk each target can
 /// boot; and a cloud boots what it is given, so a cloud target of an OS this server
-/// cannot install is refused (the mock target builds a blank disk for any OS).
+/// cannot install is refused (the mock target builds a blank disk for any OS). Answers
+/// whether the build installs an OS.
 fn check_install(
     installer: &crate::os::Installer,
     plugins: &crate::plugins::Plugins,
     template: &model::tdl::Template,
     targets: &[String],
-) -> ApiResult<()> {
+) -> ApiResult<bool> {
     let refuse = |reason: String| ApiError::Incorrect(reason);
     let plan = installer
         .plan(template, &plugins.needed_packages(targets))
@@ -276,5 +289,5 @@ fn check_install(
             _ => {}
         }
     }
-    Ok(())
+    Ok(plan.is_some())
 }
