@@ -10,7 +10,7 @@
 //! (CONDUCTOR_TEST_SPDX names its `pyspdxtools`).
 
 use crate::client::conductor;
-use crate::harness::{Server, build_request};
+use crate::harness::{Reply, Server, build_request};
 use crate::os_builds::{
     BUILD_LIMIT, TURN, cache, cancel, debian, download_to, machine_mirror, processes_running,
     read_in_image, start,
@@ -33,6 +33,21 @@ async fn checked_build(server: &Server, template: &str) -> String {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     format!("/api/target_images/{}", reply.ids("target_image")[0])
+}
+
+/// The `<boot_check>` of a finished target image: result, firmware and what went wrong.
+fn boot_check(done: &Reply) -> (String, String, String) {
+    let doc = done.doc();
+    let check = doc
+        .descendants()
+        .find(|n| n.has_tag_name("boot_check"))
+        .unwrap_or_else(|| panic!("<boot_check> in {}", done.body));
+    let attribute = |name: &str| check.attribute(name).unwrap_or_default().to_owned();
+    (
+        attribute("result"),
+        attribute("firmware"),
+        check.text().unwrap_or_default().to_owned(),
+    )
 }
 
 /// `(name, version)` of every package dpkg's status file marks installed.
@@ -77,9 +92,13 @@ async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
             .find(|n| n.has_tag_name(name))
             .unwrap_or_else(|| panic!("<{name}> in {}", done.body))
     };
-    let check = element("boot_check");
-    assert_eq!(check.attribute("result"), Some("passed"), "{}", done.body);
-    assert_eq!(check.attribute("firmware"), Some("uefi"));
+    let (result, firmware, _) = boot_check(&done);
+    assert_eq!(
+        (result.as_str(), firmware.as_str()),
+        ("passed", "uefi"),
+        "{}",
+        done.body
+    );
     assert!(
         done.text("activity").contains("the boot check passed"),
         "{}",
@@ -158,13 +177,13 @@ async fn a_checked_debian_build_boots_and_its_sbom_lists_what_dpkg_has() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     let from_base = format!("/api/target_images/{}", reply.ids("target_image")[0]);
     let done = server.wait_terminal_within(&from_base, BUILD_LIMIT).await;
-    let doc = done.doc();
-    let check = doc
-        .descendants()
-        .find(|n| n.has_tag_name("boot_check"))
-        .expect("boot_check");
-    assert_eq!(check.attribute("result"), Some("passed"), "{}", done.body);
-    assert_eq!(check.attribute("firmware"), Some("bios"));
+    let (result, firmware, _) = boot_check(&done);
+    assert_eq!(
+        (result.as_str(), firmware.as_str()),
+        ("passed", "bios"),
+        "{}",
+        done.body
+    );
     // No manifest: the server did not install this image's OS.
     server
         .get(&format!("{from_base}/sbom"))
@@ -206,13 +225,8 @@ async fn an_image_whose_kernel_is_broken_fails_its_check_and_is_not_pushed() {
     let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     // The image is built and kept; its check says it does not boot.
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
-    let doc = done.doc();
-    let check = doc
-        .descendants()
-        .find(|n| n.has_tag_name("boot_check"))
-        .expect("boot_check");
-    assert_eq!(check.attribute("result"), Some("failed"), "{}", done.body);
-    let detail = check.text().unwrap_or_default();
+    let (result, _, detail) = boot_check(&done);
+    assert_eq!(result, "failed", "{}", done.body);
     assert!(
         detail.contains("the console says \"UEFI Interactive Shell\""),
         "{detail}"
@@ -320,13 +334,12 @@ async fn the_operators_default_checks_what_can_boot_and_a_blank_disk_is_refused(
     let ti = format!("/api/target_images/{}", reply.ids("target_image")[0]);
     let done = server.wait_terminal_within(&ti, BUILD_LIMIT).await;
     assert_eq!(done.text("status"), "COMPLETE", "{}", done.body);
-    let doc = done.doc();
-    let check = doc
-        .descendants()
-        .find(|n| n.has_tag_name("boot_check"))
-        .expect("boot_check");
-    assert_eq!(check.attribute("result"), Some("failed"), "{}", done.body);
-    assert_eq!(check.attribute("firmware"), Some("bios"));
-    let detail = check.text().unwrap_or_default();
+    let (result, firmware, detail) = boot_check(&done);
+    assert_eq!(
+        (result.as_str(), firmware.as_str()),
+        ("failed", "bios"),
+        "{}",
+        done.body
+    );
     assert!(detail.contains("No bootable device"), "{detail}");
 }

@@ -260,16 +260,7 @@ fn boot(
     };
 
     let started = Instant::now();
-    let watch = RefCell::new(Watch {
-        console: &console,
-        read: 0,
-        recent: String::new(),
-        found: false,
-        gave_up: None,
-        too_large: false,
-        progress,
-        reported: 0,
-    });
+    let watch = RefCell::new(Watch::new(&console, progress));
     let result = run(&step, work, log, &|| {
         if stopped() {
             return true;
@@ -336,7 +327,20 @@ struct Watch<'a> {
     reported: u8,
 }
 
-impl Watch<'_> {
+impl<'a> Watch<'a> {
+    fn new(console: &'a Path, progress: Progress<'a>) -> Self {
+        Watch {
+            console,
+            read: 0,
+            recent: String::new(),
+            found: false,
+            gave_up: None,
+            too_large: false,
+            progress,
+            reported: 0,
+        }
+    }
+
     fn look(&mut self, elapsed: Duration, deadline: Duration) {
         let share = (elapsed.as_secs_f64() / deadline.as_secs_f64().max(1.0) * 100.0) as u8;
         let share = share.min(99);
@@ -430,16 +434,7 @@ mod tests {
         let console = dir.path().join("console");
         let mut reports = Vec::new();
         let mut progress = |percent: u8, _: &str| reports.push(percent);
-        let mut watch = Watch {
-            console: &console,
-            read: 0,
-            recent: String::new(),
-            found: false,
-            gave_up: None,
-            too_large: false,
-            progress: &mut progress,
-            reported: 0,
-        };
+        let mut watch = Watch::new(&console, &mut progress);
         let deadline = Duration::from_secs(100);
         // A sign split between two reads is still seen.
         std::fs::write(&console, "BdsDxe: starting\r\nUEFI Interactive").expect("write");
