@@ -289,21 +289,7 @@ impl Store {
         id: Id,
         change: impl FnOnce(&mut TargetImage),
     ) -> Result<Option<TargetImage>> {
-        let txn = self.db.begin_write()?;
-        let updated = {
-            let mut table = txn.open_table(TARGET_IMAGES)?;
-            let current: Option<TargetImage> = get(&table, id.as_u128())?;
-            match current {
-                Some(mut ti) => {
-                    change(&mut ti);
-                    put(&mut table, id.as_u128(), &ti)?;
-                    Some(ti)
-                }
-                None => None,
-            }
-        };
-        self.commit(txn)?;
-        Ok(updated)
+        self.update_row(TARGET_IMAGES, id, change)
     }
 
     /// Changes a provider image in place, like [`Store::update_target_image`].
@@ -312,15 +298,25 @@ impl Store {
         id: Id,
         change: impl FnOnce(&mut ProviderImage),
     ) -> Result<Option<ProviderImage>> {
+        self.update_row(PROVIDER_IMAGES, id, change)
+    }
+
+    /// Reads row `id` of `table`, changes it and writes it back in one transaction.
+    fn update_row<T: Row>(
+        &self,
+        table: TableDefinition<u128, &[u8]>,
+        id: Id,
+        change: impl FnOnce(&mut T),
+    ) -> Result<Option<T>> {
         let txn = self.db.begin_write()?;
         let updated = {
-            let mut table = txn.open_table(PROVIDER_IMAGES)?;
-            let current: Option<ProviderImage> = get(&table, id.as_u128())?;
+            let mut table = txn.open_table(table)?;
+            let current: Option<T> = get(&table, id.as_u128())?;
             match current {
-                Some(mut pi) => {
-                    change(&mut pi);
-                    put(&mut table, id.as_u128(), &pi)?;
-                    Some(pi)
+                Some(mut row) => {
+                    change(&mut row);
+                    put(&mut table, id.as_u128(), &row)?;
+                    Some(row)
                 }
                 None => None,
             }
@@ -372,42 +368,33 @@ impl Store {
 
     /// Deletes a build with its target images and provider images; the image stays.
     pub fn delete_build(&self, id: Id) -> Result<Option<Removed>> {
-        let txn = self.db.begin_write()?;
-        let mut removed = Removed::default();
-        let exists = txn.open_table(BUILDS)?.get(id.as_u128())?.is_some();
-        if !exists {
-            return Ok(None);
-        }
-        Self::delete_build_in(&txn, id.as_u128(), &mut removed)?;
-        self.commit(txn)?;
-        Ok(Some(removed))
+        self.delete_one(BUILDS, id, Self::delete_build_in)
     }
 
     /// Deletes a target image with its provider images; build and image stay.
     pub fn delete_target_image(&self, id: Id) -> Result<Option<Removed>> {
-        let txn = self.db.begin_write()?;
-        let mut removed = Removed::default();
-        let exists = txn.open_table(TARGET_IMAGES)?.get(id.as_u128())?.is_some();
-        if !exists {
-            return Ok(None);
-        }
-        Self::delete_target_image_in(&txn, id.as_u128(), &mut removed)?;
-        self.commit(txn)?;
-        Ok(Some(removed))
+        self.delete_one(TARGET_IMAGES, id, Self::delete_target_image_in)
     }
 
     /// Deletes one provider image record.
     pub fn delete_provider_image(&self, id: Id) -> Result<Option<Removed>> {
+        self.delete_one(PROVIDER_IMAGES, id, Self::delete_provider_image_in)
+    }
+
+    /// Deletes row `id` of `table` with what hangs off it (`delete_in`), in one
+    /// transaction; `None` when there is no such row.
+    fn delete_one(
+        &self,
+        table: TableDefinition<u128, &[u8]>,
+        id: Id,
+        delete_in: fn(&WriteTransaction, u128, &mut Removed) -> Result<()>,
+    ) -> Result<Option<Removed>> {
         let txn = self.db.begin_write()?;
         let mut removed = Removed::default();
-        let exists = txn
-            .open_table(PROVIDER_IMAGES)?
-            .get(id.as_u128())?
-            .is_some();
-        if !exists {
+        if txn.open_table(table)?.get(id.as_u128())?.is_none() {
             return Ok(None);
         }
-        Self::delete_provider_image_in(&txn, id.as_u128(), &mut removed)?;
+        delete_in(&txn, id.as_u128(), &mut removed)?;
         self.commit(txn)?;
         Ok(Some(removed))
     }
