@@ -1,7 +1,7 @@
 //! `/api/builds` and `/api/images/:image_id/builds` (reference/conductor-api.md §7.3).
 
 use super::Kind;
-use super::images::write_content;
+use super::images::deleted_reply;
 use super::xml::Doc;
 use super::{ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, xml_ok};
 use crate::model::{Action, Build, Id};
@@ -159,18 +159,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_build(id))
         .await?
         .ok_or_else(|| build_not_found(raw))?;
-    let outcomes = state.jobs.finish_delete(&removed).await;
-    let base = base(state, headers);
-    let id = id.to_string();
-    let mut doc = Doc::new();
-    doc.open(
-        "build",
-        &[("href", &format!("{base}/builds/{id}")), ("id", &id)],
-    )
-    .text("status", "DELETED");
-    write_content(&mut doc, &removed, &outcomes);
-    doc.close("build");
-    Ok(xml_ok(doc.finish()))
+    deleted_reply(state, &base(state, headers), "build", id, &removed).await
 }
 
 pub async fn delete(

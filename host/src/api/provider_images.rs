@@ -2,7 +2,7 @@
 //! push (create) and delete (reference/conductor-api.md §7.5).
 
 use super::Kind;
-use super::images::{insufficient, parameters, write_content};
+use super::images::{deleted_reply, insufficient, parameters};
 use super::xml::{self, Doc};
 use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, submit, write_progress,
@@ -166,22 +166,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_provider_image(id))
         .await?
         .ok_or_else(missing)?;
-    let outcomes = state.jobs.finish_delete(&removed).await;
-    let base = base(state, headers);
-    let id = id.to_string();
-    let mut doc = Doc::new();
-    // `<status>DELETED</status>` is an addition: Conductor left it out of this one reply.
-    doc.open(
-        "provider_image",
-        &[
-            ("href", &format!("{base}/provider_images/{id}")),
-            ("id", &id),
-        ],
-    )
-    .text("status", "DELETED");
-    write_content(&mut doc, &removed, &outcomes);
-    doc.close("provider_image");
-    Ok(xml_ok(doc.finish()))
+    deleted_reply(state, &base(state, headers), "provider_image", id, &removed).await
 }
 
 pub async fn delete(

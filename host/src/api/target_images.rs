@@ -3,7 +3,7 @@
 //! shown while they build, with their live status and progress.
 
 use super::Kind;
-use super::images::write_content;
+use super::images::deleted_reply;
 use super::xml::Doc;
 use super::{
     ApiError, ApiResult, CurrentUser, Shared, base, blocking, parse_id, write_progress, xml_ok,
@@ -250,18 +250,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_target_image(id))
         .await?
         .ok_or_else(|| ti_not_found(raw))?;
-    let outcomes = state.jobs.finish_delete(&removed).await;
-    let base = base(state, headers);
-    let id = id.to_string();
-    let mut doc = Doc::new();
-    doc.open(
-        "target_image",
-        &[("href", &format!("{base}/target_images/{id}")), ("id", &id)],
-    )
-    .text("status", "DELETED");
-    write_content(&mut doc, &removed, &outcomes);
-    doc.close("target_image");
-    Ok(xml_ok(doc.finish()))
+    deleted_reply(state, &base(state, headers), "target_image", id, &removed).await
 }
 
 pub async fn delete(

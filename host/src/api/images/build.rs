@@ -36,10 +36,7 @@ pub(super) async fn build(
             "description is longer than {MAX_DESCRIPTION} characters"
         )));
     }
-    let env_name = request
-        .child_text("environment")
-        .filter(|e| !e.is_empty())
-        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
+    let env_name = environment_named(request);
     let targets = split_list(&request.child_text("targets").unwrap_or_default());
     if targets.len() > crate::model::MAX_LIST {
         return Err(ApiError::Incorrect(format!(

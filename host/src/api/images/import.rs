@@ -66,10 +66,7 @@ pub(super) async fn import(
         .child_text("provider_account_name")
         .unwrap_or_default();
     let identifier = request.child_text("target_identifier").unwrap_or_default();
-    let env_name = request
-        .child_text("environment")
-        .filter(|e| !e.is_empty())
-        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
+    let env_name = environment_named(request);
     let descriptor = request
         .child("image_descriptor")
         .ok_or_else(|| insufficient("Please specify a type, build or import"))?;

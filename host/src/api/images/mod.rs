@@ -206,11 +206,45 @@ pub async fn show_in_environment(
     render_one(&state, &headers, &user, id, Some(env)).await
 }
 
+/// The environment a build or import request names in `<environment>`; the default
+/// one when it names none (an addition: Conductor required it).
+fn environment_named(request: &Element) -> String {
+    request
+        .child_text("environment")
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned())
+}
+
+/// The reply to a delete of the `element` record `id` (`image`, `build`,
+/// `target_image`, `provider_image`, at `{base}/{element}s/{id}`): it says DELETED and
+/// lists the provider images it took along, once their provider-side deletes ended or
+/// went on in the background (`finish_delete`). `<status>DELETED</status>` is an
+/// addition in the provider image's reply: Conductor left it out of that one.
+pub(super) async fn deleted_reply(
+    state: &Shared,
+    base: &str,
+    element: &str,
+    id: crate::model::Id,
+    removed: &Removed,
+) -> ApiResult {
+    let outcomes = state.jobs.finish_delete(removed).await;
+    let id = id.to_string();
+    let mut doc = Doc::new();
+    doc.open(
+        element,
+        &[("href", &format!("{base}/{element}s/{id}")), ("id", &id)],
+    )
+    .text("status", "DELETED");
+    write_content(&mut doc, removed, &outcomes);
+    doc.close(element);
+    Ok(xml_ok(doc.finish()))
+}
+
 /// Writes the `<content>` of a delete reply: every provider image that existed, as
 /// (provider, target_identifier), and for each one that had been pushed, what became of
 /// it on the provider (`<status>` DELETED, FAILED or DELETING, and `<error>`). Never an
 /// empty element, because Conductor's client needs text in it.
-pub(super) fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[DeleteOutcome]) {
+fn write_content(doc: &mut Doc, removed: &Removed, outcomes: &[DeleteOutcome]) {
     doc.open("content", &[]);
     for pi in &removed.provider_images {
         doc.open("provider_content", &[])
@@ -260,17 +294,7 @@ async fn delete_one(
     let removed = blocking(state, move |store| store.delete_image(id))
         .await?
         .ok_or_else(|| image_not_found(&raw))?;
-    let outcomes = state.jobs.finish_delete(&removed).await;
-    let id = id.to_string();
-    let mut doc = Doc::new();
-    doc.open(
-        "image",
-        &[("href", &format!("{base}/images/{id}")), ("id", &id)],
-    )
-    .text("status", "DELETED");
-    write_content(&mut doc, &removed, &outcomes);
-    doc.close("image");
-    Ok(xml_ok(doc.finish()))
+    deleted_reply(state, &base, "image", id, &removed).await
 }
 
 pub async fn delete(

@@ -4,6 +4,25 @@
 
 use super::*;
 
+/// The document of one account; its credentials when `full` (for its administrators).
+fn one_account(
+    state: &Shared,
+    headers: &HeaderMap,
+    account: &Account,
+    provider: &Provider,
+    full: bool,
+) -> String {
+    let mut doc = Doc::new();
+    write_account(
+        &mut doc,
+        &base(state, headers),
+        account,
+        Some(provider),
+        full,
+    );
+    doc.finish()
+}
+
 fn write_account(doc: &mut Doc, base: &str, a: &Account, provider: Option<&Provider>, full: bool) {
     let id = a.id.to_string();
     let pid = a.provider_id.to_string();
@@ -129,15 +148,10 @@ pub async fn show_account(
     headers: HeaderMap,
 ) -> ApiResult {
     let (account, provider) = find_account(&state, &user, &id).await?;
-    let mut doc = Doc::new();
-    write_account(
-        &mut doc,
-        &base(&state, &headers),
-        &account,
-        Some(&provider),
-        administers(&user, &account),
-    );
-    Ok(xml_ok(doc.finish()))
+    let full = administers(&user, &account);
+    Ok(xml_ok(one_account(
+        &state, &headers, &account, &provider, full,
+    )))
 }
 
 /// "access_key" → "Access Key", as Conductor worded its validation messages.
@@ -337,15 +351,9 @@ async fn create_account_for(
     }
     check_credentials(state, &provider, &account).await?;
     let account = blocking(state, move |store| store.create_account(account)).await?;
-    let mut doc = Doc::new();
-    write_account(
-        &mut doc,
-        &base(state, headers),
-        &account,
-        Some(&provider),
-        true,
-    );
-    Ok(xml_created(doc.finish()))
+    Ok(xml_created(one_account(
+        state, headers, &account, &provider, true,
+    )))
 }
 
 pub async fn create_account(
@@ -393,15 +401,9 @@ pub async fn update_account(
     }
     let saved = account.clone();
     blocking(&state, move |store| store.put_account(&saved)).await?;
-    let mut doc = Doc::new();
-    write_account(
-        &mut doc,
-        &base(&state, &headers),
-        &account,
-        Some(&provider),
-        true,
-    );
-    Ok(xml_ok(doc.finish()))
+    Ok(xml_ok(one_account(
+        &state, &headers, &account, &provider, true,
+    )))
 }
 
 /// Deletes an account unless provider images were pushed with it.
