@@ -8,7 +8,7 @@ use redb::TableDefinition;
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta-v1");
 
 // Rows: values are a version byte followed by the postcard encoding of that table's row
-// type for that version (rows.rs).
+// type for that version (rows/).
 pub const ENVIRONMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("environments-v1");
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users-v1");
 pub const PROVIDERS: TableDefinition<u64, &[u8]> = TableDefinition::new("providers-v1");
